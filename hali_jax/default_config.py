@@ -1,0 +1,58 @@
+"""Defaults shared by every `configs/*.py`; each dataset config overrides what differs.
+
+Every field is documented here, once. Top-level fields the training program promises to honour
+with exactly this meaning: dataset, data_dir, download, batch_size, num_train_steps,
+log_every_steps, eval_every_steps, checkpoint_every_steps, seed.
+"""
+
+import ml_collections
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # --- Data -----------------------------------------------------------------------------------
+  c.dataset = 'mnist'  # tfds name.
+  c.data_dir = None  # None = tfds' default, which honours TFDS_DATA_DIR.
+  c.download = False  # Let tfds download and prepare a missing dataset (needs TensorFlow).
+  c.image_size = 28  # Side of the square images the model sees; must match model.arch.
+  c.input = ml_collections.ConfigDict()
+  c.input.train_split = 'train'
+  c.input.eval_split = 'test'  # Held-out split for the fixed evaluation batch.
+  c.input.crop_size = 0  # CelebA: side of the centre crop taken before resizing (0 = none).
+  c.input.worker_count = 0  # grain worker processes (0 = read in the main process).
+  c.input.prefetch = 2  # Batches kept in flight on the devices.
+  c.input.eval_batch_size = 64  # Size of the fixed evaluation batch.
+
+  # --- Model (hali_jax/models.py) -------------------------------------------------------------
+  c.method = 'hali'  # 'hali' (adversarial, Algorithm 1) or 'vae' (ELBO baseline).
+  c.model = ml_collections.ConfigDict()
+  c.model.arch = '28'  # '128', '64', '32' or '28': see models.ARCHITECTURES.
+  c.model.num_levels = 2  # L. 1 is ALI.
+  c.model.width = 1.0  # Multiplier on every hidden width (not on latent sizes).
+  c.model.z_channels = 64  # Channels of each spatial latent z_1..z_{L-1}.
+  c.model.z_dim = 256  # Size of the top latent z_L (a vector).
+  c.model.input_noise_std = 0.2  # Gaussian noise on the inputs of the encoder and discriminator.
+  c.model.dropout = True  # Discriminator dropout at Table 4's rates.
+  c.model.leaky_slope = 0.2
+
+  # --- Optimisation (hali_jax/train.py) -------------------------------------------------------
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 1e-4  # ALI's Adam settings.
+  c.optim.b1 = 0.5
+  c.optim.b2 = 0.999
+  # 'simultaneous': both sides step on gradients from the same forward pass (ALI's practice).
+  # 'sequential': the discriminator steps first; the generator then steps against the updated
+  # discriminator on the same samples.
+  c.optim.update = 'simultaneous'
+
+  c.batch_size = 100  # Global batch, over all devices and processes.
+  c.num_train_steps = 100_000
+  c.seed = 0
+
+  # --- Logging, evaluation, checkpoints -------------------------------------------------------
+  c.log_every_steps = 100
+  c.eval_every_steps = 5_000
+  c.checkpoint_every_steps = 5_000
+  c.checkpoint_max_to_keep = 3
+  return c

@@ -1,0 +1,449 @@
+"""HALI's networks: Markov encoder and decoder of Gaussian kernels, and the joint discriminator.
+
+Paper map (../shared/paper/hali.txt):
+  * Gaussian kernel (sec. 4: "Markov kernels parametrized by conditional isotropic Gaussians"):
+    `GaussianLayer`, `GaussianKernel`.
+  * Encoder T(z_l | z_{l-1}), eq. 1 and 3: `Encoder`. Decoder T(z_{l-1} | z_l), eq. 2 and 4: `Decoder`.
+  * Joint discriminator D(x, z_1, ..., z_L), Table 4: `Discriminator`.
+  * Algorithm 1's sampling (both joints and D's predictions on them): `HALI.__call__`.
+  * Appendix Table 4 itself: `build_architecture` (the layer lists below are the table's rows).
+
+Layout: NHWC. Spatial latents are [B, H, W, C]; the top latent z_L is a vector [B, D].
+Every network is a list of layer specs (`Conv`, `Res`, `Upsample`, `ToGrid`) interpreted by `Stack`,
+so an architecture is data that a test can compare with the paper's table row by row.
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hali_jax.errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Layer specs: one row of Table 4 each.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+  """Convolution; `dropout` is applied to the layer's input (ALI's convention), then conv, norm, act."""
+  features: int
+  kernel: int = 3
+  stride: int = 1
+  norm: str | None = None  # 'bn' (batch norm), 'wn' (weight norm) or None.
+  act: str = 'lrelu'  # 'lrelu', 'linear' or 'tanh'.
+  dropout: float = 0.0
+  padding: str = 'SAME'
+
+
+@dataclasses.dataclass(frozen=True)
+class Res:
+  """Residual block: two 3x3 convolutions with batch norm and a skip connection (He et al.)."""
+  features: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Upsample:
+  """Bilinear upsampling to `size` x `size`."""
+  size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ToGrid:
+  """[B, 1, 1, side*side*C] -> [B, side, side, C]: the decoder's first step from a vector."""
+  side: int
+
+
+Layer = Union[Conv, Res, Upsample, ToGrid]
+
+# --------------------------------------------------------------------------------------------
+# Architectures (appendix Table 4 and the text of section 4).
+# --------------------------------------------------------------------------------------------
+
+# name -> (image side, side of z_1). '128': Table 4 (CelebA-128, ImageNet-128: z_1 64x32x32).
+# '64': CelebA-64 as in the text (z_1 64x16x16). '32': CIFAR-10 / SVHN (z_1 64x16x16): Table 4 with
+# one fewer downsampling. '28': MNIST, see `build_architecture`.
+ARCHITECTURES = {'128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+  """Layer lists of every network for one depth L.
+
+  encoder[l-1] is the body of T(z_l | z_{l-1}) (z_0 = x), followed by a Gaussian layer producing
+  latent_shapes[l-1]. decoder[l-1] is the body of T(z_{l-1} | z_l); decoder[0] ends in the image
+  (tanh), the others are followed by a Gaussian layer. disc_stages[0] reads x; disc_stages[l] reads
+  the stage before concatenated with z_l; disc_joint reads the last stage concatenated with z_L and
+  ends in the penultimate embedding; the logit is a final 1x1 convolution.
+  """
+  image_shape: tuple[int, int, int]
+  latent_shapes: tuple[tuple[int, ...], ...]
+  encoder: tuple[tuple[Layer, ...], ...]
+  decoder: tuple[tuple[Layer, ...], ...]
+  disc_stages: tuple[tuple[Layer, ...], ...]
+  disc_joint: tuple[Layer, ...]
+  disc_logit: Conv
+
+  @property
+  def num_levels(self) -> int:
+    return len(self.latent_shapes)
+
+
+def _halving_sides(side: int, target: int) -> list[int]:
+  """Sides visited by stride-2 'SAME' convolutions from `side` down to `target`, target included."""
+  sides = [side]
+  while sides[-1] > target:
+    sides.append(math.ceil(sides[-1] / 2))
+  if sides[-1] != target:
+    raise UserError(f'Cannot reach side {target} from {side} by halving; choose another model.arch.')
+  return sides
+
+
+def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,
+                       z_channels: int = 64, z_dim: int = 256) -> Architecture:
+  """Every network's layers for architecture `arch` at depth `num_levels`.
+
+  With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
+  it against a transcription of the table). The other sizes and depths follow the table's pattern:
+    * '64' and '32' take the table's networks with fewer resolution changes: where the table has
+      one more stride-2 convolution (or upsampling) than the sizes need, the one nearest the image is
+      kept and the next becomes stride 1 (or is dropped); on the path between z_1 and the top vector
+      the stages nearest the 4x4 grid are kept.
+    * '28' (MNIST, our design): z_1 is 14x14 (one halving, like CIFAR's 32 -> 16, since digits need
+      no more spatial compression to be abstract), the path to the vector goes 14 -> 7 -> 4 -> 1 with
+      'SAME' stride-2 convolutions and a 4x4 'valid' one, and the decoder mirrors it with bilinear
+      resizes 4 -> 7 -> 14. The MNIST configs shrink widths and latents (configs/mnist.py).
+    * Depth L >= 3 inserts spatial levels z_2..z_{L-1}, each at half the side of the one below
+      (one stride-2 stage down, one upsampling stage up, one stride-2 discriminator stage).
+    * Depth 1 is ALI: x -> z_1 (a vector) through the level-1 and level-2 networks composed.
+  `width` multiplies every hidden width (not the latents, not the image channels).
+  """
+  if arch not in ARCHITECTURES:
+    raise UserError(f'Unknown model.arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.')
+  if num_levels < 1:
+    raise UserError(f'model.num_levels must be >= 1 (1 is ALI), got {num_levels}.')
+  x_side, z1_side = ARCHITECTURES[arch]
+  spatial_sides = [z1_side // 2**l for l in range(num_levels - 1)]
+  if spatial_sides and spatial_sides[-1] < 4:
+    raise UserError(f'model.num_levels={num_levels} is too deep for arch {arch!r}: spatial latents '
+                    f'would shrink below 4x4 ({spatial_sides}). Use at most '
+                    f'{int(math.log2(z1_side // 4)) + 2} levels.')
+  w = lambda n: max(1, round(n * width))
+
+  def lrelu_conv_before_gaussian():  # Table 4: "Convolution 3x3 1x1 128" ahead of each Gaussian layer.
+    return Conv(w(128))
+
+  # Encoder, x -> features at z_1's side (Table 4, Gz1(x)).
+  down_x = _halving_sides(x_side, z1_side)
+  if len(down_x) - 1 not in (1, 2):
+    raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
+  s2 = 2 if len(down_x) == 3 else 1
+  enc_x = (Conv(w(32)), Conv(w(64), stride=2, norm='bn'), Res(w(64)), Res(w(64)),
+           Conv(w(128), stride=s2, norm='bn'), Res(w(128)), lrelu_conv_before_gaussian())
+
+  # Encoder, features at side s -> top vector (Table 4, Gz2(z1)): stride-2 stages of 256, 256, 512
+  # (the ones nearest the 4x4 grid when fewer are needed), a residual block, a 4x4 'valid' conv.
+  def vector_path_widths(side):
+    return [256, 256, 512][4 - len(_halving_sides(side, 4)):]  # side <= 32: at most 3 halvings.
+
+  def enc_to_vector(side):
+    return tuple(Conv(w(c), stride=2, norm='bn') for c in vector_path_widths(side)) + (
+        Res(w(512)), Conv(w(512), kernel=4, norm='bn', padding='VALID'),
+        Conv(w(512), kernel=1, act='linear'))
+
+  # Encoder, spatial level at side s -> side s/2 (depth >= 3).
+  def enc_down(side):
+    del side
+    return (Conv(w(256), stride=2, norm='bn'), Res(w(256)), lrelu_conv_before_gaussian())
+
+  # Decoder, top vector -> features at side s (Table 4, Gz1(z2); its input is 256 wide, as the
+  # text's z2 in R^256, not the table's "128x1x1", which disagrees with the text).
+  def dec_from_vector(side):
+    ups = _halving_sides(side, 4)[::-1][1:]
+    stages = [lambda s: (Upsample(s), Res(w(256))),
+              lambda s: (Upsample(s), Conv(w(256), norm='bn'), Conv(w(128), norm='bn')),
+              lambda s: (Upsample(s), lrelu_conv_before_gaussian())][3 - len(ups):]
+    layers = [Conv(w(4 * 4 * 256), kernel=1, norm='bn'), ToGrid(4)]
+    for stage, s in zip(stages, ups):
+      layers += stage(s)
+    if not ups:
+      layers.append(lrelu_conv_before_gaussian())
+    return tuple(layers)
+
+  # Decoder, spatial level at side s/2 -> side s (depth >= 3).
+  def dec_up(side):
+    return (Conv(w(256), kernel=1, norm='bn'), Res(w(256)), Upsample(side),
+            lrelu_conv_before_gaussian())
+
+  # Decoder, z_1 -> x (Table 4, Gx(z1)); with one upsampling, the first is dropped.
+  up_x = down_x[::-1][1:]
+  first_up = (Upsample(up_x[0]),) if len(up_x) == 2 else ()
+  dec_x = (Conv(w(64), kernel=1, norm='bn'), Res(w(64))) + first_up + (
+      Res(w(64)), Upsample(x_side), Conv(w(64), norm='bn'), Conv(w(32), norm='bn'),
+      Conv(image_channels, kernel=1, act='tanh'))
+
+  # Discriminator, x -> features at z_1's side (Table 4, D(x)), weight norm and dropout.
+  disc_x = (Conv(w(32), norm='wn', dropout=0.2), Conv(w(64), stride=2, norm='wn', dropout=0.5),
+            Conv(w(64), stride=s2, norm='wn', dropout=0.5), Conv(w(64), norm='wn', dropout=0.5))
+
+  def disc_to_vector(side):  # Table 4, D(x, z1).
+    return ((Conv(w(128), norm='wn', dropout=0.2),)
+            + tuple(Conv(w(c), stride=2, norm='wn', dropout=0.5) for c in vector_path_widths(side))
+            + (Conv(w(512), kernel=4, norm='wn', dropout=0.2, padding='VALID'),))
+
+  def disc_down(side):
+    del side
+    return (Conv(w(256), norm='wn', dropout=0.2), Conv(w(256), stride=2, norm='wn', dropout=0.5))
+
+  disc_joint = (Conv(w(1024), kernel=1, dropout=0.5), Conv(w(1024), kernel=1, dropout=0.5))
+  disc_logit = Conv(1, kernel=1, act='linear', dropout=0.5)
+
+  if num_levels == 1:  # ALI: the level-1 and level-2 networks composed, without z_1 in between.
+    return Architecture(
+        image_shape=(x_side, x_side, image_channels), latent_shapes=((z_dim,),),
+        encoder=(enc_x + enc_to_vector(z1_side),),
+        decoder=(dec_from_vector(z1_side) + dec_x,),
+        disc_stages=(disc_x + disc_to_vector(z1_side),),
+        disc_joint=disc_joint, disc_logit=disc_logit)
+
+  top_side = spatial_sides[-1]
+  return Architecture(
+      image_shape=(x_side, x_side, image_channels),
+      latent_shapes=tuple((s, s, z_channels) for s in spatial_sides) + ((z_dim,),),
+      encoder=(enc_x,) + tuple(enc_down(s) for s in spatial_sides[:-1]) + (enc_to_vector(top_side),),
+      decoder=(dec_x,) + tuple(dec_up(s) for s in spatial_sides[:-1]) + (dec_from_vector(top_side),),
+      disc_stages=(disc_x,) + tuple(disc_down(s) for s in spatial_sides[:-1])
+      + (disc_to_vector(top_side),),
+      disc_joint=disc_joint, disc_logit=disc_logit)
+
+
+# --------------------------------------------------------------------------------------------
+# Modules.
+# --------------------------------------------------------------------------------------------
+
+
+def _activation(name: str, slope: float):
+  return {'lrelu': lambda h: nn.leaky_relu(h, slope), 'linear': lambda h: h,
+          'tanh': jnp.tanh}[name]
+
+
+class ResBlock(nn.Module):
+  features: int
+  slope: float
+
+  @nn.compact
+  def __call__(self, h, *, train: bool):
+    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    skip = h if h.shape[-1] == self.features else nn.Conv(self.features, (1, 1))(h)
+    y = nn.leaky_relu(bn()(nn.Conv(self.features, (3, 3), use_bias=False)(h)), self.slope)
+    y = bn()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+    return nn.leaky_relu(skip + y, self.slope)
+
+
+class Stack(nn.Module):
+  """Applies a list of layer specs. Batch norm uses batch statistics iff `train`; dropout iff `train`."""
+  layers: Sequence[Layer]
+  slope: float
+  use_dropout: bool = True
+
+  @nn.compact
+  def __call__(self, h, *, train: bool):
+    for layer in self.layers:
+      if isinstance(layer, Conv):
+        if layer.dropout and self.use_dropout:
+          h = nn.Dropout(layer.dropout, deterministic=not train)(h)
+        conv = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
+                       padding=layer.padding, use_bias=layer.norm != 'bn')
+        h = nn.WeightNorm(conv)(h) if layer.norm == 'wn' else conv(h)
+        if layer.norm == 'bn':
+          h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+        h = _activation(layer.act, self.slope)(h)
+      elif isinstance(layer, Res):
+        h = ResBlock(layer.features, self.slope)(h, train=train)
+      elif isinstance(layer, Upsample):
+        h = jax.image.resize(h, (h.shape[0], layer.size, layer.size, h.shape[-1]), 'bilinear')
+      elif isinstance(layer, ToGrid):
+        h = h.reshape(h.shape[0], layer.side, layer.side, -1)
+      else:
+        raise TypeError(f'Unknown layer spec {layer!r}')
+    return h
+
+
+class Gaussian(NamedTuple):
+  """A draw z from N(mean, diag(exp(logvar))), with the parameters that produced it."""
+  z: jax.Array
+  mean: jax.Array
+  logvar: jax.Array
+
+
+class GaussianLayer(nn.Module):
+  """Mean and log-variance heads (1x1 convolutions) and a reparameterized sample.
+
+  With `key=None` the layer is deterministic and returns the mean as z (for analysis).
+  """
+  shape: tuple[int, ...]  # (H, W, C) or (D,)
+
+  @nn.compact
+  def __call__(self, h, key: jax.Array | None) -> Gaussian:
+    channels = self.shape[-1]
+    mean = nn.Conv(channels, (1, 1), name='mean')(h).reshape((h.shape[0],) + self.shape)
+    logvar = nn.Conv(channels, (1, 1), name='logvar')(h).reshape((h.shape[0],) + self.shape)
+    if key is None:
+      return Gaussian(mean, mean, logvar)
+    eps = jax.random.normal(key, mean.shape, mean.dtype)
+    return Gaussian(mean + jnp.exp(0.5 * logvar) * eps, mean, logvar)
+
+
+def _as_grid(z):
+  """Vectors [B, D] as [B, 1, 1, D], so that one convolution code path serves every level."""
+  return z.reshape(z.shape[0], 1, 1, -1) if z.ndim == 2 else z
+
+
+class GaussianKernel(nn.Module):
+  """A Markov kernel T(z_out | z_in): a network body followed by a Gaussian layer."""
+  body: Sequence[Layer]
+  out_shape: tuple[int, ...]
+  slope: float
+
+  @nn.compact
+  def __call__(self, z_in, key: jax.Array | None, *, train: bool) -> Gaussian:
+    h = Stack(self.body, self.slope, name='body')(_as_grid(z_in), train=train)
+    return GaussianLayer(self.out_shape, name='gaussian')(h, key)
+
+
+class Encoder(nn.Module):
+  """x -> z_1 -> ... -> z_L, eq. 1: the composition of kernels T(z_l | z_{l-1})."""
+  arch: Architecture
+  slope: float
+
+  @nn.compact
+  def __call__(self, x, keys: Sequence[jax.Array] | None, *, train: bool) -> list[Gaussian]:
+    """keys[l-1] samples level l; keys=None gives every level's mean (deterministic encoding)."""
+    levels, h = [], x
+    for l, (body, shape) in enumerate(zip(self.arch.encoder, self.arch.latent_shapes), start=1):
+      g = GaussianKernel(body, shape, self.slope, name=f'level_{l}')(
+          h, None if keys is None else keys[l - 1], train=train)
+      levels.append(g)
+      h = g.z
+    return levels
+
+
+class Decoder(nn.Module):
+  """z_L -> z_{L-1} -> ... -> z_1 -> x, eq. 2: the composition of kernels T(z_{l-1} | z_l).
+
+  The last kernel T(x | z_1) is deterministic (tanh of Table 4's last layer), as in ALI.
+  """
+  arch: Architecture
+  slope: float
+
+  @nn.compact
+  def __call__(self, z_top, keys: Sequence[jax.Array] | None, *, train: bool,
+               from_level: int | None = None):
+    """Decodes from z_{from_level} (default L) down to x.
+
+    keys[l-1] samples z_l (l < from_level); keys=None decodes with each kernel's mean.
+    Returns (x, zs) with zs = [z_1, ..., z_{from_level}] (z_{from_level} is z_top itself).
+    """
+    arch = self.arch
+    top = arch.num_levels if from_level is None else from_level
+    zs = {top: z_top}
+    for l in range(top - 1, 0, -1):  # level_l is T(z_l | z_{l+1}).
+      kernel = GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope,
+                              name=f'level_{l}')
+      zs[l] = kernel(zs[l + 1], None if keys is None else keys[l - 1], train=train).z
+    x = Stack(arch.decoder[0], self.slope, name='to_image')(_as_grid(zs[1]), train=train)
+    return x, [zs[l] for l in range(1, top + 1)]
+
+
+class Discriminator(nn.Module):
+  """D(x, z_1, ..., z_L) on the full joint, Table 4: one stack per level, concatenated stage by stage.
+
+  Returns (logit, embedding): the embedding is the penultimate layer, the D-bar of eq. 8.
+  """
+  arch: Architecture
+  slope: float
+  use_dropout: bool = True
+
+  @nn.compact
+  def __call__(self, x, zs: Sequence[jax.Array], *, train: bool):
+    stack = lambda layers, name: Stack(layers, self.slope, self.use_dropout, name=name)
+    h = stack(self.arch.disc_stages[0], 'stage_0')(x, train=train)
+    for l, z in enumerate(zs, start=1):
+      h = jnp.concatenate([h, _as_grid(z)], axis=-1)
+      if l < len(zs):
+        h = stack(self.arch.disc_stages[l], f'stage_{l}')(h, train=train)
+    embedding = stack(self.arch.disc_joint, 'joint')(h, train=train)
+    logit = stack((self.arch.disc_logit,), 'logit')(embedding, train=train)
+    return logit.reshape(-1), embedding.reshape(embedding.shape[0], -1)
+
+
+def key_names(num_levels: int) -> tuple[str, ...]:
+  """Every purpose a training step draws randomness for; `HALI.__call__` takes one key of each."""
+  return (('prior', 'encoder_noise', 'discriminator_noise', 'dropout', 'generator_term')
+          + tuple(f'encoder_{l}' for l in range(1, num_levels + 1))
+          + tuple(f'decoder_{l}' for l in range(1, num_levels)))
+
+
+def split_keys(key: jax.Array, num_levels: int) -> dict[str, jax.Array]:
+  """One independent key per purpose, so no key is ever used twice."""
+  names = key_names(num_levels)
+  return dict(zip(names, jax.random.split(key, len(names))))
+
+
+class HALI(nn.Module):
+  """Encoder, decoder and joint discriminator; parameters are {'encoder', 'decoder', 'discriminator'}."""
+  arch: Architecture
+  slope: float = 0.2
+  input_noise_std: float = 0.2
+  use_dropout: bool = True
+
+  def setup(self):
+    self.encoder = Encoder(self.arch, self.slope)
+    self.decoder = Decoder(self.arch, self.slope)
+    self.discriminator = Discriminator(self.arch, self.slope, self.use_dropout)
+
+  def _noisy(self, v, key):
+    return v + self.input_noise_std * jax.random.normal(key, v.shape, v.dtype)
+
+  def __call__(self, x, keys: dict[str, jax.Array], *, train: bool = True):
+    """Algorithm 1's inner loop for a minibatch x.
+
+    Encoder joint: z_hat_0 = x, z_hat_l ~ q(z_l | z_hat_{l-1}). Decoder joint: z_L ~ p(z) = N(0, I),
+    z_{l-1} ~ p(z_{l-1} | z_l), down to x. D sees both, with input noise on every input (sec. 4: also on
+    the encoder's input) and dropout through the 'dropout' rng. Returns a dict with the logits
+    rho_q (encoder side, 'real' for D) and rho_p (decoder side), and both joints.
+    """
+    L = self.arch.num_levels
+    enc_keys = [keys[f'encoder_{l}'] for l in range(1, L + 1)]
+    dec_keys = [keys[f'decoder_{l}'] for l in range(1, L)]
+    q_levels = self.encoder(self._noisy(x, keys['encoder_noise']), enc_keys, train=train)
+    q_joint = [x] + [g.z for g in q_levels]
+    z_top = jax.random.normal(keys['prior'], (x.shape[0],) + self.arch.latent_shapes[-1], x.dtype)
+    x_p, zs_p = self.decoder(z_top, dec_keys, train=train)
+    p_joint = [x_p] + zs_p
+
+    # One discriminator pass over both joints (no batch norm in D, so batching them is exact);
+    # each of the 2 * (L + 1) inputs gets its own noise.
+    noise_keys = jax.random.split(keys['discriminator_noise'], L + 1)
+    joint = [self._noisy(jnp.concatenate([q, p]), k) for q, p, k in zip(q_joint, p_joint, noise_keys)]
+    logits, _ = self.discriminator(joint[0], joint[1:], train=train)
+    logits_q, logits_p = jnp.split(logits, 2)
+    return dict(logits_q=logits_q, logits_p=logits_p, q_joint=q_joint, p_joint=p_joint,
+                q_levels=q_levels)
+
+
+def create_model(model_config, image_shape: Sequence[int]) -> HALI:
+  """The HALI module for `config.model` and the dataset's (H, W, C) after preprocessing."""
+  arch = build_architecture(model_config.arch, model_config.num_levels, image_shape[-1],
+                            model_config.width, model_config.z_channels, model_config.z_dim)
+  if tuple(image_shape) != arch.image_shape:
+    raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'
+                    f'{arch.image_shape[1]} images but the data is {image_shape[0]}x{image_shape[1]}:'
+                    f' set --config.image_size and --config.model.arch to the same size '
+                    f'(architectures: {sorted(ARCHITECTURES)}).')
+  return HALI(arch, slope=model_config.leaky_slope, input_noise_std=model_config.input_noise_std,
+              use_dropout=model_config.dropout)

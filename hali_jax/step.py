@@ -1,0 +1,192 @@
+"""Algorithm 1's update step, its state, and its sharding over a device mesh.
+
+Sections: mesh | state | update step (Algorithm 1) | sharded step. The training loop that drives
+it is `train.py`.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from hali_jax import losses
+from hali_jax import models
+from hali_jax.errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Mesh: one 'data' axis over every device of every process.
+# --------------------------------------------------------------------------------------------
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  # Auto axes: the model is written without sharding annotations; XLA propagates the batch's.
+  return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P('data'))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh) -> None:
+  if batch_size <= 0 or batch_size % mesh.size:
+    raise UserError(f'config.batch_size={batch_size} must be a positive multiple of the number of '
+                    f'devices ({mesh.size}) so that every device gets the same share of the global '
+                    f'batch. Use e.g. --config.batch_size={max(1, batch_size // mesh.size) * mesh.size}'
+                    f' or run on fewer devices.')
+
+
+# --------------------------------------------------------------------------------------------
+# State.
+# --------------------------------------------------------------------------------------------
+
+DISCRIMINATOR = 'discriminator'
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue bit for bit.
+
+  params: {'encoder', 'decoder', 'discriminator'} (plus any generator-side head, e.g.
+  'classifier'). Generator side = every entry but 'discriminator'. batch_stats: the batch-norm
+  running statistics of the encoder and decoder (D has none). rng: the base key; the step's keys
+  are fold_in(rng, step).
+  """
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state_g: Any
+  opt_state_d: Any
+  rng: jax.Array
+
+
+def split_params(params) -> tuple[dict, dict]:
+  """(generator side, discriminator side) of a params dict."""
+  return ({k: v for k, v in params.items() if k != DISCRIMINATOR}, params[DISCRIMINATOR])
+
+
+def make_optimizers(config: ml_collections.ConfigDict):
+  """One Adam per side: ALI's lr 1e-4, b1 0.5, b2 0.999 by default."""
+  o = config.optim
+  adam = lambda: optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
+  return adam(), adam()
+
+
+def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int) -> TrainState:
+  """A fresh state (pure: jit it with out_shardings, or eval_shape it for restoring)."""
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+  keys = models.split_keys(jax.random.fold_in(init_key, 1), model.arch.num_levels)
+  variables = model.init({'params': init_key}, x, keys, train=False)
+  params = flax.core.unfreeze(variables['params'])
+  g_params, d_params = split_params(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=flax.core.unfreeze(variables.get('batch_stats', {})),
+                    opt_state_g=tx_g.init(g_params), opt_state_d=tx_d.init(d_params),
+                    rng=train_key)
+
+
+def create_train_state(model, image_shape, tx_g, tx_d, seed: int, mesh) -> TrainState:
+  """Initializes the state directly into its (replicated) sharding on the mesh."""
+  init = functools.partial(init_state, model, tuple(image_shape), tx_g, tx_d, seed)
+  return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+# --------------------------------------------------------------------------------------------
+# Update step: Algorithm 1.
+# --------------------------------------------------------------------------------------------
+
+
+GeneratorTerm = Callable[[dict, TrainState, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
+               update: str = 'simultaneous',
+               generator_term: GeneratorTerm | None = None) -> tuple[TrainState, dict]:
+  """One iteration of Algorithm 1 on a global batch: (state, batch) -> (state, metrics).
+
+  'simultaneous' (default, ALI's practice): one forward pass gives both losses; D steps on
+  grad L_d, the encoder and decoder on grad L_g, both at the current parameters.
+  'sequential': D steps first; the generator's gradient is then taken against the updated D on
+  the same samples (same keys).
+  `generator_term(g_params, state, batch, key) -> (loss, metrics)`, if given, is added to the
+  generator's cost (e.g. the supervised cost of semi-supervised HALI, eq. 10); its metrics are
+  reported as they are.
+  """
+  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
+  g_params, d_params = split_params(state.params)
+
+  def forward(g_params, d_params):
+    variables = {'params': {**g_params, DISCRIMINATOR: d_params}, 'batch_stats': state.batch_stats}
+    out, updates = model.apply(variables, batch['image'], keys, train=True,
+                               rngs={'dropout': keys['dropout']}, mutable=['batch_stats'])
+    return (out['logits_q'], out['logits_p']), updates['batch_stats']
+
+  loss_d_fn = lambda logits: losses.discriminator_loss(*logits)
+  loss_g_fn = lambda logits: losses.generator_loss(*logits)
+
+  # One forward pass, two backward passes (pullbacks of each loss's gradient wrt the logits).
+  logits, pullback, batch_stats = jax.vjp(forward, g_params, d_params, has_aux=True)
+  loss_d, dlogits_d = jax.value_and_grad(loss_d_fn)(logits)
+  _, grads_d = pullback(dlogits_d)
+  updates_d, opt_state_d = tx_d.update(grads_d, state.opt_state_d, d_params)
+  new_d_params = optax.apply_updates(d_params, updates_d)
+  if update == 'sequential':
+    logits_g, pullback, batch_stats = jax.vjp(lambda g: forward(g, new_d_params), g_params,
+                                              has_aux=True)
+    loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits_g)
+    grads_g, = pullback(dlogits_g)
+  elif update == 'simultaneous':
+    loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits)
+    grads_g, _ = pullback(dlogits_g)
+  else:
+    raise UserError(f"config.optim.update must be 'simultaneous' or 'sequential', got {update!r}.")
+  term_metrics = {}
+  if generator_term is not None:
+    (term, term_metrics), grads_term = jax.value_and_grad(generator_term, has_aux=True)(
+        g_params, state, batch, keys['generator_term'])
+    grads_g = jax.tree.map(jnp.add, grads_g, grads_term)
+    loss_g = loss_g + term
+  updates_g, opt_state_g = tx_g.update(grads_g, state.opt_state_g, g_params)
+  new_g_params = optax.apply_updates(g_params, updates_g)
+
+  acc_q, acc_p = losses.discriminator_accuracy(*logits)
+  metrics = dict(loss_d=loss_d, loss_g=loss_g, d_accuracy_q=acc_q, d_accuracy_p=acc_p,
+                 grad_norm_discriminator=optax.global_norm(grads_d),
+                 **{f'grad_norm_{k}': optax.global_norm(v) for k, v in grads_g.items()},
+                 **term_metrics)
+  state = state.replace(step=state.step + 1, params={**new_g_params, DISCRIMINATOR: new_d_params},
+                        batch_stats=batch_stats, opt_state_g=opt_state_g, opt_state_d=opt_state_d)
+  return state, metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded step: jit over the mesh, state replicated, batch split along 'data', state donated.
+# --------------------------------------------------------------------------------------------
+
+
+def make_sharded_train_step(model, tx_g, tx_d, mesh, update: str = 'simultaneous',
+                            generator_term: GeneratorTerm | None = None) -> Callable:
+  """`train_step` jitted over `mesh`: call it as step(state, batch) -> (state, metrics)."""
+  step = functools.partial(train_step, model=model, tx_g=tx_g, tx_d=tx_d, update=update,
+                           generator_term=generator_term)
+  return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+
+
+def put_batch(batch: dict, mesh) -> dict:
+  """A host batch (numpy, global) onto the mesh, split along 'data'; for tests and analysis."""
+  check_batch_size(len(next(iter(batch.values()))), mesh)
+  return jax.device_put({k: np.asarray(v) for k, v in batch.items()}, batch_sharding(mesh))
