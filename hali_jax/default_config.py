@@ -44,7 +44,28 @@ def get_default_config() -> ml_collections.ConfigDict:
   # 'simultaneous': both sides step on gradients from the same forward pass (ALI's practice).
   # 'sequential': the discriminator steps first; the generator then steps against the updated
   # discriminator on the same samples.
-  c.optim.update = 'simultaneous'
+  c.optim.update_order = 'simultaneous'
+
+  # --- Semi-supervised HALI (sec. 7.2; hali_jax/semisup.py) -----------------------------------
+  c.semisup = ml_collections.ConfigDict()
+  c.semisup.enabled = False  # Adds a classifier q(y | z_level); its cost (eq. 10) joins L_g.
+  c.semisup.labels_per_class = 10  # Labelled training examples per class (MNIST: 100 labels).
+  c.semisup.label_seed = 0  # Chooses the labelled subset; apart from config.seed, so runs share it.
+  c.semisup.weight = 1.0  # Weight of the supervised cost in the generator's cost.
+  # Level l whose z_l feeds the classifier, 1..L, or -1 for the top z_L: the most abstract level
+  # (its reconstructions keep the class, lower ones keep pixel detail: sec. 5.1, 6.2), and a vector
+  # at every depth, ALI's z included.
+  c.semisup.level = -1
+  # Labelled examples per step (at most labels_per_class * classes). 100: all of MNIST's labelled
+  # set, so each step's cost is eq. 10's mean over D_sup exactly.
+  c.semisup.batch_size = 100
+  c.semisup.eval_batch_size = 500  # Test images per forward pass when counting test errors.
+
+  # --- VAE baseline (config.method = 'vae'; hali_jax/vae.py) ----------------------------------
+  c.vae = ml_collections.ConfigDict()
+  # Fixed std of p(x | z_1) = N(decoder(z_1), x_std^2 I), in the [-1, 1] pixel scale: about a good
+  # reconstruction's error, so the KL terms do not swamp the reconstruction term.
+  c.vae.x_std = 0.1
 
   c.batch_size = 100  # Global batch, over all devices and processes.
   c.num_train_steps = 100_000

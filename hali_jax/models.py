@@ -320,16 +320,23 @@ class Encoder(nn.Module):
   arch: Architecture
   slope: float
 
-  @nn.compact
-  def __call__(self, x, keys: Sequence[jax.Array] | None, *, train: bool) -> list[Gaussian]:
-    """keys[l-1] samples level l; keys=None gives every level's mean (deterministic encoding)."""
-    levels, h = [], x
-    for l, (body, shape) in enumerate(zip(self.arch.encoder, self.arch.latent_shapes), start=1):
-      g = GaussianKernel(body, shape, self.slope, name=f'level_{l}')(
-          h, None if keys is None else keys[l - 1], train=train)
-      levels.append(g)
-      h = g.z
-    return levels
+  def setup(self):
+    arch = self.arch
+    self.levels = [GaussianKernel(body, shape, self.slope)  # levels[l-1]: T(z_l | z_{l-1})
+                   for body, shape in zip(arch.encoder, arch.latent_shapes)]
+
+  def kernel(self, level: int, z_below, key: jax.Array | None, *, train: bool) -> Gaussian:
+    """T(z_level | z_{level-1}) alone (z_0 = x)."""
+    return self.levels[level - 1](z_below, key, train=train)
+
+  def __call__(self, x, keys: Sequence[jax.Array] | None, *, train: bool,
+               to_level: int | None = None) -> list[Gaussian]:
+    """Levels 1..to_level (default L); keys[l-1] samples level l, keys=None gives the means."""
+    gaussians, h = [], x
+    for l in range(1, (to_level or self.arch.num_levels) + 1):
+      gaussians.append(self.kernel(l, h, None if keys is None else keys[l - 1], train=train))
+      h = gaussians[-1].z
+    return gaussians
 
 
 class Decoder(nn.Module):
@@ -340,7 +347,20 @@ class Decoder(nn.Module):
   arch: Architecture
   slope: float
 
-  @nn.compact
+  def setup(self):
+    arch = self.arch
+    self.to_image = Stack(arch.decoder[0], self.slope)
+    self.levels = [GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope)
+                   for l in range(1, arch.num_levels)]  # levels[l-1]: T(z_l | z_{l+1})
+
+  def kernel(self, level: int, z_above, key: jax.Array | None, *, train: bool) -> Gaussian:
+    """T(z_level | z_{level+1}) alone, for level < L."""
+    return self.levels[level - 1](z_above, key, train=train)
+
+  def image(self, z_1, *, train: bool) -> jax.Array:
+    """T(x | z_1): the image, in [-1, 1]."""
+    return self.to_image(_as_grid(z_1), train=train)
+
   def __call__(self, z_top, keys: Sequence[jax.Array] | None, *, train: bool,
                from_level: int | None = None):
     """Decodes from z_{from_level} (default L) down to x.
@@ -348,15 +368,11 @@ class Decoder(nn.Module):
     keys[l-1] samples z_l (l < from_level); keys=None decodes with each kernel's mean.
     Returns (x, zs) with zs = [z_1, ..., z_{from_level}] (z_{from_level} is z_top itself).
     """
-    arch = self.arch
-    top = arch.num_levels if from_level is None else from_level
+    top = from_level or self.arch.num_levels
     zs = {top: z_top}
-    for l in range(top - 1, 0, -1):  # level_l is T(z_l | z_{l+1}).
-      kernel = GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope,
-                              name=f'level_{l}')
-      zs[l] = kernel(zs[l + 1], None if keys is None else keys[l - 1], train=train).z
-    x = Stack(arch.decoder[0], self.slope, name='to_image')(_as_grid(zs[1]), train=train)
-    return x, [zs[l] for l in range(1, top + 1)]
+    for l in range(top - 1, 0, -1):
+      zs[l] = self.kernel(l, zs[l + 1], None if keys is None else keys[l - 1], train=train).z
+    return self.image(zs[1], train=train), [zs[l] for l in range(1, top + 1)]
 
 
 class Discriminator(nn.Module):

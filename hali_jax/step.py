@@ -152,7 +152,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
     loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits)
     grads_g, _ = pullback(dlogits_g)
   else:
-    raise UserError(f"config.optim.update must be 'simultaneous' or 'sequential', got {update!r}.")
+    raise UserError(f"config.optim.update_order must be 'simultaneous' or 'sequential', got {update!r}.")
   term_metrics = {}
   if generator_term is not None:
     (term, term_metrics), grads_term = jax.value_and_grad(generator_term, has_aux=True)(
@@ -164,8 +164,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
 
   acc_q, acc_p = losses.discriminator_accuracy(*logits)
   metrics = dict(loss_d=loss_d, loss_g=loss_g, d_accuracy_q=acc_q, d_accuracy_p=acc_p,
-                 grad_norm_discriminator=optax.global_norm(grads_d),
-                 **{f'grad_norm_{k}': optax.global_norm(v) for k, v in grads_g.items()},
+                 grad_norm_discriminator=optax.tree.norm(grads_d),
+                 **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads_g.items()},
                  **term_metrics)
   state = state.replace(step=state.step + 1, params={**new_g_params, DISCRIMINATOR: new_d_params},
                         batch_stats=batch_stats, opt_state_g=opt_state_g, opt_state_d=opt_state_d)

@@ -1,0 +1,125 @@
+"""Architectures (Table 4), shapes at every level, the Gaussian layer, and model errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hali_jax import models
+from hali_jax.errors import UserError
+from hali_jax.models import Conv, Res, ToGrid, Upsample
+
+# Appendix Table 4 (CelebA-128 / ImageNet-128), transcribed row by row.
+TABLE_4 = dict(
+    encoder_z1_given_x=(
+        Conv(32), Conv(64, stride=2, norm='bn'), Res(64), Res(64),
+        Conv(128, stride=2, norm='bn'), Res(128), Conv(128)),
+    encoder_z2_given_z1=(
+        Conv(256, stride=2, norm='bn'), Conv(256, stride=2, norm='bn'),
+        Conv(512, stride=2, norm='bn'), Res(512), Conv(512, kernel=4, norm='bn', padding='VALID'),
+        Conv(512, kernel=1, act='linear')),
+    decoder_z1_given_z2=(
+        Conv(4 * 4 * 256, kernel=1, norm='bn'), ToGrid(4), Upsample(8), Res(256), Upsample(16),
+        Conv(256, norm='bn'), Conv(128, norm='bn'), Upsample(32), Conv(128)),
+    decoder_x_given_z1=(
+        Conv(64, kernel=1, norm='bn'), Res(64), Upsample(64), Res(64), Upsample(128),
+        Conv(64, norm='bn'), Conv(32, norm='bn'), Conv(3, kernel=1, act='tanh')),
+    d_x=(
+        Conv(32, norm='wn', dropout=0.2), Conv(64, stride=2, norm='wn', dropout=0.5),
+        Conv(64, stride=2, norm='wn', dropout=0.5), Conv(64, norm='wn', dropout=0.5)),
+    d_x_z1=(
+        Conv(128, norm='wn', dropout=0.2), Conv(256, stride=2, norm='wn', dropout=0.5),
+        Conv(256, stride=2, norm='wn', dropout=0.5), Conv(512, stride=2, norm='wn', dropout=0.5),
+        Conv(512, kernel=4, norm='wn', dropout=0.2, padding='VALID')),
+    d_x_z1_z2=(Conv(1024, kernel=1, dropout=0.5), Conv(1024, kernel=1, dropout=0.5)),
+    d_logit=Conv(1, kernel=1, act='linear', dropout=0.5),
+)
+
+
+def test_arch_128_is_table_4():
+  a = models.build_architecture('128', 2, image_channels=3)
+  assert a.image_shape == (128, 128, 3)
+  assert a.latent_shapes == ((32, 32, 64), (256,))
+  got = dict(encoder_z1_given_x=a.encoder[0], encoder_z2_given_z1=a.encoder[1],
+             decoder_z1_given_z2=a.decoder[1], decoder_x_given_z1=a.decoder[0],
+             d_x=a.disc_stages[0], d_x_z1=a.disc_stages[1], d_x_z1_z2=a.disc_joint,
+             d_logit=a.disc_logit)
+  for name, rows in TABLE_4.items():
+    assert got[name] == rows, name
+
+
+def test_fewer_downsamplings_keep_table_4_pattern():
+  a = models.build_architecture('32', 2, image_channels=3)
+  # One fewer halving from x: the second stride-2 convolution becomes stride 1.
+  assert [c.stride for c in a.encoder[0] if isinstance(c, Conv)] == [1, 2, 1, 1]
+  assert [u.size for u in a.decoder[0] if isinstance(u, Upsample)] == [32]
+  # 16 -> 4 needs two of Table 4's three stride-2 stages: those nearest the 4x4 grid.
+  assert [c.features for c in a.encoder[1] if isinstance(c, Conv) and c.stride == 2] == [256, 512]
+  assert [u.size for u in a.decoder[1] if isinstance(u, Upsample)] == [8, 16]
+
+
+def test_width_scales_hidden_layers_only():
+  a = models.build_architecture('64', 2, image_channels=3, width=0.25, z_channels=8, z_dim=16)
+  assert a.encoder[0][0] == Conv(8)
+  assert a.decoder[0][-1] == Conv(3, kernel=1, act='tanh')  # Image channels stay.
+  assert a.latent_shapes == ((16, 16, 8), (16,))
+
+
+EXPECTED_LATENTS = {  # arch -> (image side, z_1 side); the paper's sizes for 128/64/32.
+    '128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14)}
+
+
+@pytest.mark.parametrize('arch', sorted(EXPECTED_LATENTS))
+@pytest.mark.parametrize('num_levels', [1, 2, 3])
+def test_shapes_at_every_level(arch, num_levels):
+  side, z1_side = EXPECTED_LATENTS[arch]
+  channels = 1 if arch == '28' else 3
+  a = models.build_architecture(arch, num_levels, channels, width=0.125, z_channels=8, z_dim=16)
+  expected = ([(z1_side // 2**l,) * 2 + (8,) for l in range(num_levels - 1)] + [(16,)])
+  assert list(a.latent_shapes) == expected
+  model = models.HALI(a)
+  x = jnp.zeros((4, side, side, channels))
+  keys = models.split_keys(jax.random.key(0), num_levels)
+  variables = jax.eval_shape(lambda: model.init({'params': jax.random.key(1)}, x, keys))
+  out = jax.eval_shape(lambda v: model.apply(v, x, keys, rngs={'dropout': keys['dropout']},
+                                             mutable=['batch_stats'])[0], variables)
+  joint_shapes = [(4,) + s for s in [(side, side, channels)] + expected]
+  assert [v.shape for v in out['q_joint']] == joint_shapes
+  assert [v.shape for v in out['p_joint']] == joint_shapes
+  assert out['logits_q'].shape == out['logits_p'].shape == (4,)
+
+
+def test_depth_and_size_errors():
+  with pytest.raises(UserError, match='too deep'):
+    models.build_architecture('28', 5, 1)
+  with pytest.raises(UserError, match='num_levels'):
+    models.build_architecture('28', 0, 1)
+  with pytest.raises(UserError, match='Unknown model.arch'):
+    models.build_architecture('96', 2, 3)
+  config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
+                              leaky_slope=0.2, input_noise_std=0.2, dropout=True))
+  with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
+    models.create_model(config, (28, 28, 1))
+
+
+def test_gaussian_layer_reparameterizes_with_explicit_key():
+  layer = models.GaussianLayer((2, 2, 3))
+  h = jax.random.normal(jax.random.key(0), (5, 2, 2, 7))
+  params = layer.init(jax.random.key(1), h, None)
+  mean_only = layer.apply(params, h, None)
+  np.testing.assert_array_equal(mean_only.z, mean_only.mean)  # Deterministic mode.
+  key = jax.random.key(2)
+  g = layer.apply(params, h, key)
+  np.testing.assert_array_equal(g.mean, mean_only.mean)
+  eps = jax.random.normal(key, g.mean.shape)
+  np.testing.assert_allclose(g.z, g.mean + jnp.exp(0.5 * g.logvar) * eps, rtol=1e-6)
+  assert not np.allclose(layer.apply(params, h, jax.random.key(3)).z, g.z)
+
+
+def test_step_keys_are_distinct_per_purpose_and_step():
+  base = jax.random.key(0)
+  keys = [models.split_keys(jax.random.fold_in(base, step), 3) for step in range(3)]
+  data = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for ks in keys for k in ks.values()}
+  assert len(data) == 3 * len(models.key_names(3))
+  assert set(models.key_names(3)) >= {'prior', 'encoder_1', 'encoder_3', 'decoder_2', 'dropout',
+                                      'encoder_noise', 'discriminator_noise'}
