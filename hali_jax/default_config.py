@@ -13,7 +13,8 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   # --- Data -----------------------------------------------------------------------------------
   c.dataset = 'mnist'  # tfds name.
-  c.data_dir = None  # None = tfds' default, which honours TFDS_DATA_DIR.
+  # None = tfds' default, which honours TFDS_DATA_DIR. Typed, so --config.data_dir=DIR can set it.
+  c.data_dir = ml_collections.config_dict.placeholder(str)
   c.download = False  # Let tfds download and prepare a missing dataset (needs TensorFlow).
   c.image_size = 28  # Side of the square images the model sees; must match model.arch.
   c.input = ml_collections.ConfigDict()

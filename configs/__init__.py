@@ -1,0 +1,49 @@
+"""Dataset configs for `python -m hali_jax.main --config=configs/<name>.py[:options]`.
+
+Every config starts from hali_jax/default_config.py (where each field is documented) and
+overrides what differs. Options, comma-separated after the colon (configs/mnist.py:tiny,ali):
+  tiny  small widths and latents, global batch 8, 4 steps: runs on a CPU in well under a minute.
+  ali   one latent level (model.num_levels = 1): ALI, the paper's baseline.
+A config may accept more (celeba.py: 64).
+"""
+
+from typing import Sequence
+
+import ml_collections
+
+from hali_jax.default_config import get_default_config
+from hali_jax.errors import UserError
+
+COMMON_OPTIONS = ('tiny', 'ali')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """hali_jax's defaults (hali_jax/default_config.py)."""
+  return get_default_config()
+
+
+def parse_options(arg: str | None, extra: Sequence[str] = ()) -> set[str]:
+  """The set of options in `arg` ('tiny,ali'); UserError naming the valid ones otherwise."""
+  options = {o.strip() for o in (arg or '').split(',') if o.strip()}
+  valid = COMMON_OPTIONS + tuple(extra)
+  unknown = sorted(options - set(valid))
+  if unknown:
+    raise UserError(f'Unknown config option(s) {", ".join(unknown)}; valid options: '
+                    f'{", ".join(valid)}, comma-separated (e.g. configs/mnist.py:tiny,ali).')
+  return options
+
+
+def apply_options(config: ml_collections.ConfigDict, options: set[str]) -> None:
+  """Applies the options every config shares (in place)."""
+  if 'ali' in options:
+    config.model.num_levels = 1
+  if 'tiny' in options:
+    config.model.width = 0.0625
+    config.model.z_channels = 4
+    config.model.z_dim = 8
+    config.batch_size = 8
+    config.num_train_steps = 4
+    config.log_every_steps = 1
+    config.eval_every_steps = 2
+    config.checkpoint_every_steps = 2
+    config.input.eval_batch_size = 8

@@ -1,0 +1,71 @@
+"""What a config trains: its initial state and its update step, by `config.method`.
+
+  'hali': Algorithm 1 (`step.train_step`); with `config.semisup.enabled`, semi-supervised HALI
+          (sec. 7.2): a classifier joins the generator side and its cost joins L_g.
+          ALI is 'hali' with model.num_levels = 1.
+  'vae':  the VAE baseline, the same kernels trained by the ELBO (`vae.py`).
+The training loop (`train.py`) and restoring for analysis (`checkpoint.py`) both build the state
+from here, so a checkpoint always restores into the state that wrote it.
+"""
+
+import functools
+from typing import Callable
+
+import jax
+import ml_collections
+
+from hali_jax import models
+from hali_jax import semisup
+from hali_jax import step as step_lib
+from hali_jax import vae
+from hali_jax.errors import UserError
+
+METHODS = ('hali', 'vae')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  if config.method not in METHODS:
+    raise UserError(f'config.method={config.method!r} is not implemented; choose one of '
+                    f'{", ".join(METHODS)}.')
+  if config.semisup.enabled and config.method != 'hali':
+    raise UserError(f'config.semisup.enabled needs config.method=hali (got '
+                    f'{config.method!r}): set --config.semisup.enabled=False or '
+                    '--config.method=hali.')
+
+
+def classifier(config: ml_collections.ConfigDict,
+               model: models.HALI) -> semisup.Classifier | None:
+  """Semi-supervised HALI's classifier q(y | z), or None."""
+  return semisup.create_classifier(config, model) if config.semisup.enabled else None
+
+
+def init_fn(config: ml_collections.ConfigDict, model: models.HALI, image_shape, tx_g,
+            tx_d) -> Callable[[], step_lib.TrainState]:
+  """The pure function that builds the initial state (jit it, or eval_shape it to restore)."""
+  image_shape = tuple(image_shape)
+  head = classifier(config, model)
+  if head is not None:
+    return functools.partial(semisup.init_state, model, head, image_shape, tx_g, tx_d,
+                             config.seed)
+  return functools.partial(step_lib.init_state, model, image_shape, tx_g, tx_d, config.seed)
+
+
+def create_state(config: ml_collections.ConfigDict, model: models.HALI, image_shape,
+                 mesh) -> step_lib.TrainState:
+  """The initial state, initialized directly into its replicated sharding on `mesh`."""
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  init = init_fn(config, model, image_shape, tx_g, tx_d)
+  return jax.jit(init, out_shardings=step_lib.replicated(mesh))()
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh) -> Callable:
+  """step(state, global batch) -> (state, metrics), jitted over `mesh`."""
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  if config.method == 'vae':
+    return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std)
+  head = classifier(config, model)
+  term = None if head is None else semisup.make_generator_term(
+      model, head, semisup.load_labelled(config), config.semisup.weight,
+      config.semisup.batch_size)
+  return step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh, config.optim.update_order,
+                                          term)

@@ -1,0 +1,303 @@
+"""The training program: `train_and_evaluate(config, workdir)`, run by `python -m hali_jax.main`.
+
+Sections, as in big_vision's trainers: config | mesh | input | state/restore | stop signals |
+metrics | eval | loop. What the run trains (HALI's Algorithm 1, semi-supervised HALI, the VAE
+baseline) is decided in one place, `methods.py`: the initial state and the update step.
+
+A run is a pure function of its config: batch k and the step's random keys depend on
+(config.seed, k) alone, so a run stopped and resumed ends with bitwise the parameters of a run
+straight through.
+"""
+
+import contextlib
+import functools
+import json
+import math
+import signal
+import threading
+from typing import Callable
+
+from absl import logging
+from clu import metrics as clu_metrics
+from etils import epath
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from hali_jax import analysis
+from hali_jax import checkpoint
+from hali_jax import input_pipeline
+from hali_jax import methods
+from hali_jax import models
+from hali_jax import semisup
+from hali_jax import step as step_lib
+from hali_jax import writers
+from hali_jax.errors import UserError
+
+# --------------------------------------------------------------------------------------------
+# Config.
+# --------------------------------------------------------------------------------------------
+
+POSITIVE_FIELDS = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
+                   'checkpoint_every_steps', 'checkpoint_max_to_keep', 'input.eval_batch_size')
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """The checks that need neither data nor devices, so that a bad value fails in seconds."""
+  for name in POSITIVE_FIELDS:
+    value = functools.reduce(getattr, name.split('.'), config)
+    if value <= 0:
+      raise UserError(f'config.{name}={value} must be positive (--config.{name}=N).')
+  methods.validate(config)
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh and input.
+# --------------------------------------------------------------------------------------------
+
+
+def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """Every device of every process on one 'data' axis; the global batch must split over it."""
+  mesh = step_lib.make_mesh()
+  step_lib.check_batch_size(config.batch_size, mesh)
+  return mesh
+
+
+def eval_images(config: ml_collections.ConfigDict, mesh) -> jax.Array:
+  """The fixed evaluation images, replicated on the mesh (every process reads the same ones)."""
+  images = input_pipeline.eval_batch(config)['image']
+  return jax.make_array_from_process_local_data(step_lib.replicated(mesh), images)
+
+
+# --------------------------------------------------------------------------------------------
+# State: fresh, or restored from the workdir.
+# --------------------------------------------------------------------------------------------
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """UserError if `config` cannot continue the checkpoints in `workdir` (if any).
+
+  Reads the workdir only, so a refused resume leaves it as it was.
+  """
+  steps = checkpoint.all_steps(workdir)
+  if not steps:
+    return
+  try:
+    saved = checkpoint.load_config(workdir)
+  except UserError:
+    logging.warning('%s has checkpoints but no config.json; resuming without comparing configs.',
+                    workdir)
+  else:
+    checkpoint.check_resumable(saved, config)
+  if steps[-1] > config.num_train_steps:
+    raise UserError(f'{workdir} holds a checkpoint at step {steps[-1]}, beyond '
+                    f'config.num_train_steps={config.num_train_steps}. Set '
+                    f'--config.num_train_steps to at least {steps[-1]}, or use a new --workdir.')
+
+
+def initial_state(config, model, image_shape, mesh, manager,
+                  train_iter: input_pipeline.TrainIterator) -> tuple[step_lib.TrainState, int]:
+  """(state, step): the latest checkpoint's, with the data rewound to it, or a fresh one."""
+  init = functools.partial(methods.create_state, config, model, image_shape, mesh)
+  if manager.latest_step() is None:
+    return init(), 0
+  # Restoring against the abstract state skips compiling the initialisation.
+  state, data_state, step = checkpoint.restore_latest(manager, jax.eval_shape(init))
+  train_iter.set_state(data_state)
+  logging.info('Resumed from the checkpoint at step %d.', step)
+  return state, step
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT.
+# --------------------------------------------------------------------------------------------
+
+
+def _reached_preemption_sync_point(step: int) -> bool:
+  try:
+    return multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:  # jax's preemption service is off (jax_enable_preemption_service).
+    return False
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Yields `requested(step) -> bool`: True once the run should save and stop.
+
+  One process: SIGTERM or SIGINT sets it (a second signal acts as usual, e.g. Ctrl-C twice
+  aborts). Several processes: they must stop at the same step, so jax's preemption service
+  decides (jax.distributed.initialize starts it; it catches SIGTERM on every process).
+  """
+  if jax.process_count() > 1:
+    yield _reached_preemption_sync_point
+    return
+  received = []
+  previous = {}
+
+  def handler(signum, frame):
+    del frame
+    logging.warning('Got %s: saving a checkpoint after this step, then exiting. Signal again '
+                    'to abort without saving.', signal.Signals(signum).name)
+    received.append(signum)
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+  if threading.current_thread() is threading.main_thread():  # Python's rule for handlers.
+    previous.update({sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)})
+  try:
+    yield lambda step: bool(received)
+  finally:
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics: running means of the step's metrics (clu).
+# --------------------------------------------------------------------------------------------
+
+
+def metric_averages(step_metrics: dict) -> clu_metrics.Collection:
+  """An empty clu collection with one running mean per metric the step reports."""
+  collection = clu_metrics.Collection.create(
+      **{name: clu_metrics.Average.from_output(name) for name in step_metrics})
+  return collection.empty()
+
+
+@jax.jit
+def accumulate(averages: clu_metrics.Collection,
+               step_metrics: dict) -> clu_metrics.Collection:
+  return averages.merge(type(averages).single_from_model_output(**step_metrics))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: per-level reconstruction errors and image grids on the fixed batch.
+# --------------------------------------------------------------------------------------------
+
+
+def make_evaluate(model: models.HALI, mesh, num_samples: int) -> Callable:
+  """evaluate(variables, images, key) -> (errors, reconstructions per level, prior samples).
+
+  errors['reconstruction_mse/level_l'] is the mean squared error, in the model's [-1, 1]
+  pixel scale, between the images and x_hat_l = T(x | z_l) o T(z_l | x) with every kernel's
+  mean (sec. 3.2, eq. 5 with a Gaussian p(x | z_l) up to constants).
+  """
+  levels = range(1, model.arch.num_levels + 1)
+
+  def evaluate(variables, images, key):
+    reconstructions = [analysis.reconstruct(model, variables, images, l) for l in levels]
+    errors = {f'reconstruction_mse/level_{l}': jnp.mean(jnp.square(images - x_hat))
+              for l, x_hat in zip(levels, reconstructions)}
+    return errors, reconstructions, analysis.sample(model, variables, key, num_samples)
+
+  return jax.jit(evaluate, out_shardings=step_lib.replicated(mesh))
+
+
+def make_test_errors(config: ml_collections.ConfigDict,
+                     model: models.HALI) -> Callable[[dict], int] | None:
+  """Semi-supervised runs: variables -> errors on the whole held-out split (Table 3's metric)."""
+  head = methods.classifier(config, model)
+  if head is None:
+    return None
+  test = input_pipeline.load_split(config, config.input.eval_split)
+  return functools.partial(semisup.test_errors, model, head, images=test['image'],
+                           labels=test['label'], batch_size=config.semisup.eval_batch_size)
+
+
+def write_test_errors(workdir: str, config: ml_collections.ConfigDict, step: int,
+                      errors: int) -> None:
+  """DIR/test_errors.json: the final count, for tables (process 0 only)."""
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'test_errors.json').write_text(json.dumps(dict(
+        step=step, test_errors=errors, split=config.input.eval_split, dataset=config.dataset,
+        labels_per_class=config.semisup.labels_per_class, seed=config.seed), indent=2))
+
+
+def write_evaluation(writer: writers.MetricWriter, step: int, images, errors, reconstructions,
+                     samples) -> None:
+  images = np.asarray(images)
+  columns = math.ceil(math.sqrt(len(images)))
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in errors.items()})
+  writer.write_images(step, {
+      'samples': writers.image_grid(np.asarray(samples), columns),
+      **{f'reconstructions/level_{l}': writers.pairs_grid(images, np.asarray(x_hat), 2 * columns)
+         for l, x_hat in enumerate(reconstructions, start=1)}})
+  logging.info('step %d  %s', step, '  '.join(f'{k}={float(v):.4g}' for k, v in errors.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# The loop.
+# --------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
+  """Trains (or resumes training) to config.num_train_steps; returns the last state.
+
+  Writes checkpoints, config.json, TensorBoard events and PNG grids in `workdir`. On SIGTERM
+  or SIGINT it saves a checkpoint at the current step and returns.
+  """
+  # Everything that can be wrong with the user's input fails here, before any compilation.
+  validate_config(config)
+  mesh = create_mesh(config)
+  image_shape = input_pipeline.dataset_image_shape(config)
+  model = models.create_model(config.model, image_shape)
+  check_resume(config, workdir)
+
+  with stop_requests() as stop_requested, contextlib.ExitStack() as stack:
+    train_iter = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
+    stack.callback(train_iter.close)
+    eval_x = eval_images(config, mesh)
+    manager = stack.enter_context(checkpoint.create_manager(workdir,
+                                                            config.checkpoint_max_to_keep))
+    state, start_step = initial_state(config, model, image_shape, mesh, manager, train_iter)
+    checkpoint.save_config(workdir, config)
+    writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                                  purge_step=start_step + 1 if start_step else None)
+    stack.callback(writer.close)
+    logging.info('Training %s on %s, %d devices in %d processes, %d parameters, steps %d to %d.',
+                 config.method, config.dataset, mesh.size, jax.process_count(),
+                 sum(x.size for x in jax.tree.leaves(state.params)), start_step + 1,
+                 config.num_train_steps)
+
+    train_step = methods.make_train_step(config, model, mesh)
+    test_errors = make_test_errors(config, model)
+    evaluate = make_evaluate(model, mesh, config.input.eval_batch_size)
+    # Fixed prior draws: the sample grids of successive evaluations show the same z.
+    sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    progress = writers.Progress(start_step, config.num_train_steps)
+    averages = None
+
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, step_metrics = train_step(state, next(train_iter))
+      if averages is None:
+        averages = metric_averages(step_metrics)
+      averages = accumulate(averages, step_metrics)
+      last = step == config.num_train_steps
+
+      if step % config.log_every_steps == 0 or last:
+        scalars = averages.compute()
+        steps_per_sec = progress.report(step, scalars)
+        writer.write_scalars(step, {**{f'train/{k}': v for k, v in scalars.items()},
+                                    'train/steps_per_sec': steps_per_sec})
+        averages = averages.empty()
+
+      if step % config.eval_every_steps == 0 or last:
+        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        write_evaluation(writer, step, eval_x, *evaluate(variables, eval_x, sample_key))
+        if test_errors:
+          errors = test_errors(variables)
+          writer.write_scalars(step, {'eval/test_errors': errors})
+          logging.info('step %d  test errors: %d', step, errors)
+          if last:
+            write_test_errors(workdir, config, step, errors)
+        writer.flush()
+
+      stop = stop_requested(step)
+      if step % config.checkpoint_every_steps == 0 or last or stop:
+        checkpoint.save(manager, step, state, train_iter.get_state())
+      if stop:
+        logging.warning('Stopped at step %d; run again with the same --workdir to resume.', step)
+        break
+  return state  # Leaving the `with` waited for the checkpoints to be written.

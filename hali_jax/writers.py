@@ -1,0 +1,115 @@
+"""Where a run's numbers and pictures go: TensorBoard event files in the workdir (tensorboardX,
+no TensorFlow), PNG grids in DIR/images/, and the console (steps/s and ETA).
+
+Only process 0 writes; on the others the writers do nothing, so the loop needs no branches.
+"""
+
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+import numpy as np
+from PIL import Image
+import tensorboardX
+
+IMAGES = 'images'
+
+
+# --------------------------------------------------------------------------------------------
+# Image grids.
+# --------------------------------------------------------------------------------------------
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """Model images in [-1, 1] -> uint8 [0, 255], three channels (grey repeated)."""
+  images = np.asarray(images, np.float32)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  return np.round((np.clip(images, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int, pad: int = 1) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 [rows*(H+pad)+pad, columns*(W+pad)+pad, 3] picture."""
+  images = to_uint8(images)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, columns: int) -> np.ndarray:
+  """As the paper's figures: odd columns are the inputs, even columns their reconstructions."""
+  columns += columns % 2
+  pairs = np.stack([originals, reconstructions], axis=1)  # [N, 2, H, W, C]
+  return image_grid(pairs.reshape((-1,) + pairs.shape[2:]), columns)
+
+
+# --------------------------------------------------------------------------------------------
+# TensorBoard and PNG files.
+# --------------------------------------------------------------------------------------------
+
+
+class MetricWriter:
+  """Scalars and images to TensorBoard event files in `workdir`; images also as PNG files."""
+
+  def __init__(self, workdir: str, enabled: bool, purge_step: int | None = None):
+    """purge_step: on resuming, TensorBoard drops what a stopped run wrote from this step on."""
+    self._workdir = workdir
+    self._writer = tensorboardX.SummaryWriter(workdir, purge_step=purge_step) if enabled else None
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if self._writer:
+      for name, value in scalars.items():
+        self._writer.add_scalar(name, float(value), step)
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """uint8 [H, W, 3] pictures by name; PNG files are DIR/images/<name>_<step>.png."""
+    if not self._writer:
+      return
+    directory = os.path.join(self._workdir, IMAGES)
+    os.makedirs(directory, exist_ok=True)
+    for name, image in images.items():
+      self._writer.add_image(name, image, step, dataformats='HWC')
+      Image.fromarray(image).save(
+          os.path.join(directory, f'{name.replace("/", "_")}_{step:08d}.png'))
+
+  def flush(self) -> None:
+    if self._writer:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer:
+      self._writer.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Console.
+# --------------------------------------------------------------------------------------------
+
+
+class Progress:
+  """Steps per second since the last report, and the time left at that pace."""
+
+  def __init__(self, start_step: int, total_steps: int):
+    self._total = total_steps
+    self._last_step, self._last_time = start_step, time.monotonic()
+
+  def report(self, step: int, scalars: Mapping[str, float]) -> float:
+    """Logs one console line for `step`; returns the steps per second."""
+    now = time.monotonic()
+    steps_per_sec = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    eta = (self._total - step) / max(steps_per_sec, 1e-9)
+    logging.info('step %d/%d  %.2f steps/s  ETA %s  %s', step, self._total, steps_per_sec,
+                 _duration(eta), '  '.join(f'{k}={float(v):.4g}' for k, v in scalars.items()))
+    return steps_per_sec
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}'

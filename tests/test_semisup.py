@@ -1,0 +1,158 @@
+"""Semi-supervised HALI (hali_jax/semisup.py): labelled subset, supervised cost, test errors."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import mnist_semisup
+from hali_jax import default_config
+from hali_jax import input_pipeline
+from hali_jax import models
+from hali_jax import semisup
+from hali_jax import step as step_lib
+from hali_jax.errors import UserError
+from tests.test_input_pipeline import mock_tfds
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+def tiny_config(num_levels):
+  c = default_config.get_default_config()
+  c.model.update(arch='28', num_levels=num_levels, width=0.0625, z_channels=4, z_dim=8)
+  c.optim.learning_rate = 1e-3  # A visible change within a few dozen steps.
+  c.semisup.update(enabled=True, labels_per_class=2, batch_size=10, weight=0.5)
+  return c
+
+
+def blocks(per_class):
+  """A learnable labelled set: class k is a white block at its own place on black."""
+  labels = np.repeat(np.arange(10, dtype=np.int32), per_class)
+  images = np.full((len(labels),) + IMAGE_SHAPE, -1, np.float32)
+  for image, label in zip(images, labels):
+    row, col = divmod(label, 5)
+    image[14 * row + 3:14 * row + 11, 5 * col + 1:5 * col + 5] = 1
+  return {'image': images, 'label': labels}
+
+
+def test_labelled_subset_is_balanced_and_a_function_of_the_seed():
+  labels = np.random.default_rng(0).integers(0, 10, 1000)
+  subset = semisup.labelled_subset(labels, per_class=10, seed=0)
+  assert len(np.unique(subset)) == 100
+  np.testing.assert_array_equal(np.bincount(labels[subset]), [10] * 10)
+  np.testing.assert_array_equal(semisup.labelled_subset(labels, 10, seed=0), subset)
+  assert set(semisup.labelled_subset(labels, 10, seed=1)) != set(subset)
+  with pytest.raises(UserError, match='Class 3 has 2 training examples'):
+    semisup.labelled_subset(np.array([0, 0, 0, 3, 3]), per_class=3, seed=0)
+
+
+def test_load_labelled_keeps_images_with_their_labels():
+  config = tiny_config(num_levels=1)
+  with mock_tfds(num_examples=60):
+    labelled = semisup.load_labelled(config)
+    train = input_pipeline.load_split(config, 'train')
+  np.testing.assert_array_equal(np.bincount(labelled['label']), [2] * 10)
+  for image, label in zip(labelled['image'], labelled['label']):
+    match = np.flatnonzero((train['image'] == image).all(axis=(1, 2, 3)))
+    assert len(match) == 1 and train['label'][match[0]] == label
+
+
+def test_classifier_level_and_dataset_are_checked():
+  config = tiny_config(num_levels=2)
+  model = models.create_model(config.model, IMAGE_SHAPE)
+  assert semisup.create_classifier(config, model).level == 2  # -1: the top level.
+  config.semisup.level = 3
+  with pytest.raises(UserError, match='use 1..2'):
+    semisup.create_classifier(config, model)
+  config.semisup.level, config.dataset = 1, 'celeb_a'
+  with pytest.raises(UserError, match='celeb_a has no class labels'):
+    semisup.create_classifier(config, model)
+  with pytest.raises(UserError, match='must be in 1..20'):
+    semisup.make_generator_term(model, semisup.Classifier(10, 1), blocks(2), 1.0, batch_size=21)
+
+
+@pytest.fixture(scope='module')
+def ali():
+  """ALI (L = 1) with a classifier on its z, at initialization, and its sharded train step."""
+  config = tiny_config(num_levels=1)
+  mesh = step_lib.make_mesh()
+  model = models.create_model(config.model, IMAGE_SHAPE)
+  classifier = semisup.create_classifier(config, model)
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  state = semisup.create_train_state(model, classifier, IMAGE_SHAPE, tx_g, tx_d, config.seed,
+                                     mesh)
+  term = semisup.make_generator_term(model, classifier, blocks(config.semisup.labels_per_class),
+                                     config.semisup.weight, config.semisup.batch_size)
+  train_step = step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh,
+                                                config.optim.update_order, generator_term=term)
+  return types.SimpleNamespace(config=config, mesh=mesh, model=model, classifier=classifier,
+                               state=state, term=term, train_step=train_step)
+
+
+def test_supervised_cost_reaches_classifier_and_encoder_only(ali):
+  # Every parameter, the discriminator's included, as the term's input.
+  value_and_grad = jax.jit(jax.value_and_grad(
+      lambda params: ali.term(params, ali.state, {}, jax.random.PRNGKey(1)), has_aux=True))
+  (cost, metrics), grads = value_and_grad(ali.state.params)
+
+  assert 0 < metrics['supervised_loss'] and 0 <= metrics['labelled_accuracy'] <= 1
+  np.testing.assert_allclose(cost, ali.config.semisup.weight * metrics['supervised_loss'],
+                             rtol=1e-6)
+  for name in ('classifier', 'encoder'):  # Every leaf: the sampled z's log-variance too.
+    zero = [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(
+        grads[name]) if not np.any(g != 0)]
+    assert not zero, (name, zero)
+  for name in ('decoder', 'discriminator'):
+    assert all(not np.any(g != 0) for g in jax.tree.leaves(grads[name])), name
+
+
+def test_test_errors_counts_a_hand_made_case(ali):
+  params = ali.state.params
+  # A classifier that answers 3 whatever the image.
+  params = dict(params, classifier={'Dense_0': {
+      'kernel': jnp.zeros_like(params['classifier']['Dense_0']['kernel']),
+      'bias': 10.0 * jax.nn.one_hot(3, 10)}})
+  constant = {'params': params, 'batch_stats': ali.state.batch_stats}
+  images = np.random.default_rng(0).uniform(-1, 1, (13,) + IMAGE_SHAPE).astype(np.float32)
+  labels = np.array([3, 3, 3, 3, 3, 0, 1, 2, 4, 5, 6, 7, 8], np.int32)
+  # Batches of 4: the last is padded with 3 examples, which must not count.
+  count = lambda labels: semisup.test_errors(ali.model, ali.classifier, constant, images, labels,
+                                             batch_size=4)
+  assert count(labels) == 8
+  assert count(np.full(13, 3)) == 0
+
+
+def test_ali_trains_with_the_supervised_cost(ali):
+  state = jax.tree.map(jnp.copy, ali.state)  # The step donates its state; the fixture keeps its.
+  labelled = blocks(ali.config.semisup.labels_per_class)
+  errors = lambda state: semisup.test_errors(
+      ali.model, ali.classifier, {'params': state.params, 'batch_stats': state.batch_stats},
+      labelled['image'], labelled['label'], batch_size=20)
+  errors_before = errors(state)
+  d_before = jax.device_get(state.params['discriminator'])
+  batch = step_lib.put_batch({'image': labelled['image'][::2][:8]}, ali.mesh)
+  losses = []
+  for _ in range(30):
+    state, metrics = ali.train_step(state, batch)
+    losses.append(float(metrics['supervised_loss']))
+    assert metrics['grad_norm_classifier'] > 0 and np.isfinite(metrics['loss_g'])
+
+  # The adversarial game goes on beside the supervised cost, which falls.
+  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(d_before),
+                                            jax.tree.leaves(state.params['discriminator'])))
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+  assert errors(state) < errors_before - 5
+
+
+def test_mnist_semisup_config_is_consistent():
+  for arg, num_levels in ((None, 2), ('tiny,ali', 1)):
+    config = mnist_semisup.get_config(arg)
+    assert config.semisup.enabled and config.dataset == 'mnist'
+    model = models.create_model(config.model, IMAGE_SHAPE)
+    classifier = semisup.create_classifier(config, model)
+    assert classifier.level == num_levels
+    # Its labelled batch fits its labelled set.
+    semisup.make_generator_term(model, classifier, blocks(config.semisup.labels_per_class),
+                                config.semisup.weight, config.semisup.batch_size)

@@ -1,0 +1,335 @@
+"""End-to-end tests of the training program: train.py, main.py, checkpoint.py, writers.py.
+
+Every run is configs/mnist.py:tiny (4 steps, checkpoints at 2 and 4, evaluations at 2 and 4)
+on mock data, or on the real MNIST when it is there. One run straight through is shared by
+most tests; XLA's persistent cache lets the other runs, in this process or in subprocesses,
+skip recompiling what an earlier one compiled.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+from jax.experimental.compilation_cache import compilation_cache
+import numpy as np
+from PIL import Image
+import pytest
+from tensorboardX.proto import event_pb2
+
+from configs import mnist
+from hali_jax import checkpoint
+from hali_jax import train
+from hali_jax.errors import UserError
+from tests.test_input_pipeline import mock_tfds
+
+REPO = Path(__file__).resolve().parents[1]
+MOCK_EXAMPLES = 20  # Batches of 8: four steps span two epochs.
+
+# --------------------------------------------------------------------------------------------
+# Helpers, shared with test_configs.py.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache_dir(tmp_path_factory) -> Path:
+  """One on-disk XLA cache for every run of the session, subprocesses included."""
+  path = tmp_path_factory.getbasetemp() / 'xla_cache'
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  yield path
+  jax.config.update('jax_compilation_cache_dir', None)  # Leave other modules as they were.
+  compilation_cache.reset_cache()
+
+
+def subprocess_env(cache_dir: Path, devices: int = 1) -> dict:
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', PYTHONUNBUFFERED='1')
+  if devices > 1:
+    env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
+                        f' --xla_force_host_platform_device_count={devices}').strip()
+  return env
+
+
+# Runs hali_jax.main as `python -m` would, with sys.argv[1:] as its flags, mock tfds data if
+# MOCK is set, and TensorFlow hidden as if not installed (every import finder wrapped so that
+# it never finds it); prints whether anything imported TensorFlow all the same.
+MAIN_SCRIPT = textwrap.dedent("""
+    import contextlib, os, runpy, sys
+
+    class HideTensorFlow:
+      def __init__(self, finder):
+        self.finder = finder
+      def find_spec(self, name, path=None, target=None):
+        if name.partition('.')[0] != 'tensorflow':
+          return self.finder.find_spec(name, path, target)
+      def __getattr__(self, name):
+        return getattr(self.finder, name)
+
+    sys.meta_path[:] = [HideTensorFlow(finder) for finder in sys.meta_path]
+    from tests.test_input_pipeline import mock_tfds
+    examples = os.environ.get('MOCK')
+    try:
+      with mock_tfds(int(examples)) if examples else contextlib.nullcontext():
+        runpy.run_module('hali_jax.main', run_name='__main__', alter_sys=True)
+    finally:
+      loaded = [m for m in sys.modules if m.partition('.')[0] == 'tensorflow']
+      print('TENSORFLOW IMPORTED' if loaded else 'NO TENSORFLOW', flush=True)
+""")
+
+
+def main_command(workdir, *flags, config='configs/mnist.py:tiny') -> list[str]:
+  return [sys.executable, '-c', MAIN_SCRIPT, f'--config={config}', f'--workdir={workdir}', *flags]
+
+
+def read_events(workdir) -> dict[str, dict[int, "summary_pb2.Summary.Value"]]:
+  """{tag: {step: value}} from every TensorBoard event file in `workdir` (TFRecord framing)."""
+  events = {}
+  for path in Path(workdir).glob('events.out.tfevents.*'):
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+      (length,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
+      i += 12 + length + 4  # length, its crc, the record, its crc.
+      for value in event.summary.value:
+        events.setdefault(value.tag, {})[event.step] = value
+  return events
+
+
+def grid_side(images: int, side: int, columns: int) -> tuple[int, int]:
+  """(height, width) of writers.image_grid's picture: 1-pixel gaps and border."""
+  rows = -(-images // columns)
+  return rows * (side + 1) + 1, columns * (side + 1) + 1
+
+
+def check_outputs(workdir: Path, steps: list[int], eval_steps: list[int], side: int,
+                  levels: int, eval_images: int = 8) -> dict:
+  """Checkpoints, config.json, events and PNG grids of a finished run; returns the events."""
+  assert checkpoint.all_steps(workdir) == steps
+  assert (workdir / 'config.json').is_file()
+  events = read_events(workdir)
+  for tag in ('train/loss_d', 'train/loss_g', 'train/d_accuracy_q', 'train/steps_per_sec'):
+    assert set(events[tag]) == set(range(1, steps[-1] + 1)), tag  # Logged every step.
+  columns = int(np.ceil(np.sqrt(eval_images)))
+  for step in eval_steps:
+    for l in range(1, levels + 1):
+      assert 0 < events[f'eval/reconstruction_mse/level_{l}'][step].simple_value < 4
+    pictures = {'samples': grid_side(eval_images, side, columns),
+                **{f'reconstructions/level_{l}': grid_side(2 * eval_images, side, 2 * columns)
+                   for l in range(1, levels + 1)}}
+    for name, (height, width) in pictures.items():
+      assert (events[name][step].image.height, events[name][step].image.width) == (height, width)
+      png = np.asarray(Image.open(workdir / 'images' / f'{name.replace("/", "_")}_{step:08d}.png'))
+      assert png.shape == (height, width, 3) and png.std() > 0, name
+  return events
+
+
+def assert_trees_equal(a, b):
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# One run straight through, shared.
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_config(**changes):
+  config = mnist.get_config('tiny')
+  config.update(changes)
+  return config
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """(workdir, final state) of configs/mnist.py:tiny, 4 steps straight through, mock data."""
+  workdir = tmp_path_factory.mktemp('straight')
+  with mock_tfds(MOCK_EXAMPLES):
+    state = train.train_and_evaluate(tiny_config(), str(workdir))
+  return workdir, state
+
+
+def test_run_writes_checkpoints_events_and_images(straight):
+  workdir, state = straight
+  check_outputs(workdir, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
+  assert json.loads((workdir / 'config.json').read_text()) == json.loads(
+      tiny_config().to_json_best_effort())
+  assert int(state.step) == 4
+
+  # Analysis: the variables of the last checkpoint are the run's, on this process's devices.
+  restored = checkpoint.restore(str(workdir))
+  assert restored.step == 4 and restored.model.arch.num_levels == 2
+  assert_trees_equal(restored.variables, {'params': state.params,
+                                          'batch_stats': state.batch_stats})
+  assert checkpoint.restore(str(workdir), step=2).step == 2
+  with pytest.raises(UserError, match='no checkpoint at step 3; available steps: 2, 4'):
+    checkpoint.restore(str(workdir), step=3)
+
+
+def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path):
+  _, expected = straight
+  with mock_tfds(MOCK_EXAMPLES):
+    train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+    assert checkpoint.all_steps(tmp_path) == [2]
+    resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
+  assert_trees_equal(resumed, expected)  # Parameters, optimizer states, step and key.
+  check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+  return {str(p.relative_to(directory)): hashlib.sha1(p.read_bytes()).hexdigest()
+          for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
+def test_resume_refuses_a_different_model_and_leaves_the_workdir(straight, tmp_path):
+  workdir = tmp_path / 'copy'
+  shutil.copytree(straight[0], workdir)
+  before = snapshot(workdir)
+  config = tiny_config(num_train_steps=6)
+  config.model.width = 0.125
+  with pytest.raises(UserError, match=r'model.width: 0.0625 -> 0.125.*new --workdir'):
+    train.train_and_evaluate(config, str(workdir))
+  with pytest.raises(UserError, match='checkpoint at step 4, beyond config.num_train_steps=3'):
+    train.train_and_evaluate(tiny_config(num_train_steps=3), str(workdir))
+  assert snapshot(workdir) == before
+
+  # A config.json that no longer matches the arrays (edited by hand) is caught too.
+  saved = json.loads((workdir / 'config.json').read_text())
+  saved['model']['z_dim'] = 16
+  (workdir / 'config.json').write_text(json.dumps(saved))
+  with pytest.raises(UserError, match='does not match the model.*arrays differ'):
+    checkpoint.restore(str(workdir))
+
+
+def test_restore_errors(tmp_path):
+  with pytest.raises(UserError, match='no config.json'):
+    checkpoint.restore(str(tmp_path))
+  (tmp_path / 'config.json').write_text(tiny_config().to_json_best_effort())
+  with pytest.raises(UserError, match='no checkpoints'):
+    checkpoint.restore(str(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a UserError within seconds, nothing written; main prints it without a traceback.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('changes, match', [
+    (dict(dataset='not_a_dataset'), "Unknown dataset 'not_a_dataset'"),
+    (dict(data_dir='MISSING'), 'Dataset mnist is not prepared: looked in .*TFDS_DATA_DIR'),
+    (dict(image_size=32), 'mnist images are 28x28 but config.image_size=32'),
+    (dict(model=dict(arch='32')), "model.arch '32' takes 32x32 images but the data is 28x28"),
+    (dict(num_train_steps=0), 'config.num_train_steps=0 must be positive'),
+    (dict(checkpoint_every_steps=-1), 'config.checkpoint_every_steps=-1 must be positive'),
+])
+def test_bad_input(changes, match, tmp_path):
+  config = tiny_config()
+  if changes.get('data_dir') == 'MISSING':
+    changes['data_dir'] = str(tmp_path / 'no_data')
+  config.update(changes)
+  start = time.monotonic()
+  with pytest.raises(UserError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / 'workdir'))
+  assert time.monotonic() - start < 10
+  assert not (tmp_path / 'workdir').exists()
+
+
+def test_main_reports_bad_input_without_traceback(tmp_path, compilation_cache_dir):
+  for flags, message in [
+      (['--config.num_train_steps=0'], 'error: config.num_train_steps=0 must be positive'),
+      (['--config.no_such_field=1'], "error: --config has no field 'no_such_field'")]:
+    result = subprocess.run(main_command(tmp_path / 'workdir', *flags), cwd=REPO, text=True,
+                            capture_output=True, env=subprocess_env(compilation_cache_dir),
+                            timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocesses: SIGTERM, real MNIST without TensorFlow, 8 devices.
+# --------------------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, compilation_cache_dir):
+  command = main_command(tmp_path, '--config.num_train_steps=100000',
+                         '--config.checkpoint_every_steps=100000',
+                         '--config.eval_every_steps=100000')
+  process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT,
+                             env={**subprocess_env(compilation_cache_dir),
+                                  'MOCK': str(MOCK_EXAMPLES)})
+  log = []
+  try:
+    for line in process.stdout:  # Training has started once step 2 is logged.
+      log.append(line)
+      if 'step 2/100000' in line:
+        break
+    process.send_signal(signal.SIGTERM)
+    log += process.communicate(timeout=120)[0]
+  finally:
+    process.kill()
+  log = ''.join(log)
+  assert process.returncode == 0, log[-3000:]
+  (stopped_at,) = checkpoint.all_steps(tmp_path)
+  assert 2 <= stopped_at < 100000
+  assert f'Stopped at step {stopped_at}' in log and 'NO TENSORFLOW' in log
+  assert checkpoint.restore(str(tmp_path)).step == stopped_at
+
+
+def test_real_mnist_without_tensorflow(tmp_path, shared_tfds, compilation_cache_dir):
+  result = subprocess.run(main_command(tmp_path, f'--config.data_dir={shared_tfds}'), cwd=REPO,
+                          text=True, capture_output=True,
+                          env=subprocess_env(compilation_cache_dir), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'NO TENSORFLOW' in result.stdout
+  events = check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
+  assert all(np.isfinite(v.simple_value) for v in events['train/loss_g'].values())
+
+
+EIGHT_DEVICES_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax
+    from configs import mnist
+    from hali_jax import train
+    from hali_jax.errors import UserError
+    from tests.test_input_pipeline import mock_tfds
+
+    assert jax.device_count() == 8
+    indivisible = mnist.get_config('tiny')
+    indivisible.batch_size = 12
+    with mock_tfds(int(sys.argv[2])):
+      try:
+        train.train_and_evaluate(indivisible, sys.argv[1])
+      except UserError as e:
+        print(e)
+      train.train_and_evaluate(mnist.get_config('tiny'), sys.argv[1])
+""")
+
+
+def test_eight_devices_train_as_one(straight, tmp_path, compilation_cache_dir):
+  result = subprocess.run(
+      [sys.executable, '-c', EIGHT_DEVICES_SCRIPT, str(tmp_path), str(MOCK_EXAMPLES)], cwd=REPO,
+      text=True, capture_output=True, env=subprocess_env(compilation_cache_dir, devices=8),
+      timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'config.batch_size=12 must be a positive multiple of the number of devices (8)' in (
+      result.stdout)
+  # Restored here, on one device.
+  restored = checkpoint.restore(str(tmp_path))
+  _, state = straight
+  differences = np.concatenate([np.abs(a - b).ravel() for a, b in zip(
+      jax.tree.leaves(restored.variables),
+      jax.tree.leaves({'params': state.params, 'batch_stats': state.batch_stats}))])
+  # Sums over the batch in another order change the last bits. Adam magnifies that for the few
+  # weights whose gradient is about 0 (m / sqrt(v) is then about +-1, whatever the size): up to
+  # the learning rate per step. A run that differs otherwise (e.g. other batches) moves almost
+  # every weight by ~1e-4.
+  assert np.quantile(differences, 0.99) < 1e-5, np.quantile(differences, [0.5, 0.99])
+  assert differences.max() < 4 * mnist.get_config('tiny').optim.learning_rate
