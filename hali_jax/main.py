@@ -29,6 +29,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
     'the environment says the job has several processes (JAX_COORDINATOR_ADDRESS, SLURM, '
     'Open MPI).')
 
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache', '~/.cache/hali_jax/xla',
+    'Directory of the persistent XLA compilation cache, so that a restart or a repeated run '
+    'skips compiling (minutes on a CPU). Empty: off. JAX_COMPILATION_CACHE_DIR, if set, wins.')
+
 # Variables set by launchers that start several processes, and whose values count them.
 _PROCESS_COUNT_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 
@@ -63,6 +68,8 @@ def main(argv) -> int:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if _is_multiprocess_job():
     jax.distributed.initialize()
+  if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(_COMPILATION_CACHE.value))
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if jax.process_index():  # Only process 0 talks; the others still log warnings and errors.
     logging.set_verbosity(logging.WARNING)

@@ -85,7 +85,7 @@ def vae_train_step(state: step.TrainState, batch: dict, *, model: models.HALI, t
   updates, opt_state_g = tx_g.update(grads, state.opt_state_g, g_params)
   new_g_params = optax.apply_updates(g_params, updates)
   metrics = dict(loss=loss, **terms,
-                 **{f'grad_norm_{k}': optax.global_norm(v) for k, v in grads.items()})
+                 **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads.items()})
   state = state.replace(step=state.step + 1,
                         params={**new_g_params, step.DISCRIMINATOR: d_params},
                         batch_stats=batch_stats, opt_state_g=opt_state_g)

@@ -16,7 +16,7 @@ from hali_jax import models
 from hali_jax import train
 from hali_jax.errors import UserError
 from tests.test_input_pipeline import mock_tfds
-from tests.test_train import MOCK_EXAMPLES, check_outputs, compilation_cache_dir  # noqa: F401
+from tests.test_train import MOCK_EXAMPLES, check_outputs
 
 CONFIGS = ('mnist', 'cifar10', 'svhn', 'celeba', 'imagenet128')
 # The fields every config has, with exactly the meaning default_config.py gives them.

@@ -19,7 +19,6 @@ import textwrap
 import time
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 from PIL import Image
 import pytest
@@ -39,20 +38,9 @@ MOCK_EXAMPLES = 20  # Batches of 8: four steps span two epochs.
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache_dir(tmp_path_factory) -> Path:
-  """One on-disk XLA cache for every run of the session, subprocesses included."""
-  path = tmp_path_factory.getbasetemp() / 'xla_cache'
-  jax.config.update('jax_compilation_cache_dir', str(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  yield path
-  jax.config.update('jax_compilation_cache_dir', None)  # Leave other modules as they were.
-  compilation_cache.reset_cache()
-
-
-def subprocess_env(cache_dir: Path, devices: int = 1) -> dict:
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', PYTHONUNBUFFERED='1')
+def subprocess_env(devices: int = 1) -> dict:
+  """This session's environment (conftest.py's XLA cache included) for a `python` subprocess."""
+  env = dict(os.environ, PYTHONUNBUFFERED='1')
   if devices > 1:
     env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                         f' --xla_force_host_platform_device_count={devices}').strip()
@@ -241,12 +229,12 @@ def test_bad_input(changes, match, tmp_path):
   assert not (tmp_path / 'workdir').exists()
 
 
-def test_main_reports_bad_input_without_traceback(tmp_path, compilation_cache_dir):
+def test_main_reports_bad_input_without_traceback(tmp_path):
   for flags, message in [
       (['--config.num_train_steps=0'], 'error: config.num_train_steps=0 must be positive'),
       (['--config.no_such_field=1'], "error: --config has no field 'no_such_field'")]:
     result = subprocess.run(main_command(tmp_path / 'workdir', *flags), cwd=REPO, text=True,
-                            capture_output=True, env=subprocess_env(compilation_cache_dir),
+                            capture_output=True, env=subprocess_env(),
                             timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
@@ -257,13 +245,13 @@ def test_main_reports_bad_input_without_traceback(tmp_path, compilation_cache_di
 # --------------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, compilation_cache_dir):
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   command = main_command(tmp_path, '--config.num_train_steps=100000',
                          '--config.checkpoint_every_steps=100000',
                          '--config.eval_every_steps=100000')
   process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT,
-                             env={**subprocess_env(compilation_cache_dir),
+                             env={**subprocess_env(),
                                   'MOCK': str(MOCK_EXAMPLES)})
   log = []
   try:
@@ -283,10 +271,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path, compilation_cache_dir)
   assert checkpoint.restore(str(tmp_path)).step == stopped_at
 
 
-def test_real_mnist_without_tensorflow(tmp_path, shared_tfds, compilation_cache_dir):
+def test_real_mnist_without_tensorflow(tmp_path, shared_tfds):
   result = subprocess.run(main_command(tmp_path, f'--config.data_dir={shared_tfds}'), cwd=REPO,
                           text=True, capture_output=True,
-                          env=subprocess_env(compilation_cache_dir), timeout=300)
+                          env=subprocess_env(), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'NO TENSORFLOW' in result.stdout
   events = check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
@@ -313,10 +301,10 @@ EIGHT_DEVICES_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_eight_devices_train_as_one(straight, tmp_path, compilation_cache_dir):
+def test_eight_devices_train_as_one(straight, tmp_path):
   result = subprocess.run(
       [sys.executable, '-c', EIGHT_DEVICES_SCRIPT, str(tmp_path), str(MOCK_EXAMPLES)], cwd=REPO,
-      text=True, capture_output=True, env=subprocess_env(compilation_cache_dir, devices=8),
+      text=True, capture_output=True, env=subprocess_env(devices=8),
       timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'config.batch_size=12 must be a positive multiple of the number of devices (8)' in (
