@@ -3,7 +3,6 @@
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 import subprocess
 import sys
@@ -22,10 +21,9 @@ from tensorflow_datasets.core.data_sources import base as tfds_sources
 from hali_jax import input_pipeline
 from hali_jax.default_config import get_default_config
 from hali_jax.errors import UserError
+from tests.conftest import SHARED_TFDS
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TFDS = Path(os.environ.get(
-    'HALI_SHARED_TFDS', Path(__file__).resolve().parents[2] / 'shared' / 'tensorflow_datasets'))
 needs_mnist = pytest.mark.skipif(not (SHARED_TFDS / 'mnist').is_dir(),
                                  reason=f'no prepared mnist in {SHARED_TFDS}')
 
