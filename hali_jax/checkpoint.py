@@ -14,6 +14,7 @@ rebuild the model from, and both configs give the same shapes).
 """
 
 import json
+import os
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -106,6 +107,10 @@ def check_resumable(saved: ml_collections.ConfigDict,
 
 
 def _checkpoint_dir(workdir: str) -> epath.Path:
+  # Orbax writes only to absolute paths; a relative --workdir is relative to the current
+  # directory (URLs such as gs://... are absolute already).
+  if '://' not in str(workdir):
+    workdir = os.path.abspath(workdir)
   return epath.Path(workdir) / CHECKPOINTS
 
 

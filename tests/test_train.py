@@ -272,7 +272,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
 
 
 def test_real_mnist_without_tensorflow(tmp_path, shared_tfds):
-  result = subprocess.run(main_command(tmp_path, f'--config.data_dir={shared_tfds}'), cwd=REPO,
+  # A relative --workdir, as in the README's command (orbax itself takes absolute paths only).
+  workdir = os.path.relpath(tmp_path, REPO)
+  result = subprocess.run(main_command(workdir, f'--config.data_dir={shared_tfds}'), cwd=REPO,
                           text=True, capture_output=True,
                           env=subprocess_env(), timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
