@@ -11,7 +11,6 @@ from here, so a checkpoint always restores into the state that wrote it.
 import functools
 from typing import Callable
 
-import jax
 import ml_collections
 
 from hali_jax import models
@@ -54,8 +53,7 @@ def create_state(config: ml_collections.ConfigDict, model: models.HALI, image_sh
                  mesh) -> step_lib.TrainState:
   """The initial state, initialized directly into its replicated sharding on `mesh`."""
   tx_g, tx_d = step_lib.make_optimizers(config)
-  init = init_fn(config, model, image_shape, tx_g, tx_d)
-  return jax.jit(init, out_shardings=step_lib.replicated(mesh))()
+  return step_lib.initialize(init_fn(config, model, image_shape, tx_g, tx_d), mesh)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh) -> Callable:

@@ -108,13 +108,6 @@ def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx
   return state.replace(params=params, opt_state_g=tx_g.init(g_params))
 
 
-def create_train_state(model, classifier, image_shape, tx_g, tx_d, seed: int,
-                       mesh) -> step.TrainState:
-  """Initializes the state directly into its (replicated) sharding on the mesh."""
-  init = functools.partial(init_state, model, classifier, tuple(image_shape), tx_g, tx_d, seed)
-  return jax.jit(init, out_shardings=step.replicated(mesh))()
-
-
 # --------------------------------------------------------------------------------------------
 # Supervised cost (eq. 10) and evaluation.
 # --------------------------------------------------------------------------------------------

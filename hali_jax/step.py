@@ -98,10 +98,15 @@ def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int) -> TrainSta
                     rng=train_key)
 
 
-def create_train_state(model, image_shape, tx_g, tx_d, seed: int, mesh) -> TrainState:
-  """Initializes the state directly into its (replicated) sharding on the mesh."""
-  init = functools.partial(init_state, model, tuple(image_shape), tx_g, tx_d, seed)
+def initialize(init: Callable[[], TrainState], mesh) -> TrainState:
+  """Runs a pure state initializer directly into its (replicated) sharding on the mesh."""
   return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+def create_train_state(model, image_shape, tx_g, tx_d, seed: int, mesh) -> TrainState:
+  """A fresh HALI state (`init_state`), initialized on the mesh."""
+  return initialize(functools.partial(init_state, model, tuple(image_shape), tx_g, tx_d, seed),
+                    mesh)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Semi-supervised HALI (hali_jax/semisup.py): labelled subset, supervised cost, test errors."""
 
+import functools
 import types
 
 import jax
@@ -81,8 +82,8 @@ def ali():
   model = models.create_model(config.model, IMAGE_SHAPE)
   classifier = semisup.create_classifier(config, model)
   tx_g, tx_d = step_lib.make_optimizers(config)
-  state = semisup.create_train_state(model, classifier, IMAGE_SHAPE, tx_g, tx_d, config.seed,
-                                     mesh)
+  state = step_lib.initialize(functools.partial(
+      semisup.init_state, model, classifier, IMAGE_SHAPE, tx_g, tx_d, config.seed), mesh)
   term = semisup.make_generator_term(model, classifier, blocks(config.semisup.labels_per_class),
                                      config.semisup.weight, config.semisup.batch_size)
   train_step = step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh,
