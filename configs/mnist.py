@@ -1,19 +1,25 @@
-"""MNIST, 28x28 grey (not in the paper; our settings for the '28' architecture).
+"""MNIST, 28x28 grey (not in the paper, which gives no MNIST architecture: these are our settings).
 
-Latents z_1 16x14x14 and z_2 64, half width: digits need less capacity than natural images.
-Global batch 100 (ALI's); 50k steps is ~83 epochs of the 60k training images.
+Default: the '28-lean' architecture (hali_jax/models.py), z_1 16x14x14 and z_2 64, sized to learn
+on a 2-core CPU within minutes (experiments/RESULTS.md). Option `table4` selects the '28'
+architecture instead, Table 4's pattern at half width (~10x the FLOPs per step). Global batch 100
+(ALI's); 50k steps is ~83 epochs of the 60k training images.
 """
 
 from configs import apply_options, base_config, parse_options
 
 
 def get_config(arg: str | None = None):
-  options = parse_options(arg)
+  options = parse_options(arg, extra=('table4',))
   config = base_config()
   config.dataset = 'mnist'
   config.image_size = 28
-  config.model.arch = '28'
-  config.model.width = 0.5
+  if 'table4' in options:
+    config.model.arch = '28'
+    config.model.width = 0.5
+  else:
+    config.model.arch = '28-lean'
+    config.model.width = 1.0
   config.model.z_channels = 16
   config.model.z_dim = 64
   config.batch_size = 100

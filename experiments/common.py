@@ -1,7 +1,9 @@
-"""What every figure script shares: flags, the restored run, its held-out images, output files.
+"""What every script shares: flags, the restored run, its held-out images, output files.
 
-A script is `python experiments/<name>.py --workdir=DIR [--output_dir=...] [--data_dir=...]`;
-it writes into --output_dir (default DIR/analysis). Script-specific flags live in the scripts.
+A figure script is `python experiments/<name>.py --workdir=DIR [--output_dir=...]
+[--data_dir=...]`; it writes into --output_dir (default DIR/analysis). The scripts that compare
+several runs (tables) take --workdirs instead (experiments/comparison.py). Script-specific flags
+live in the scripts.
 """
 
 import csv
@@ -18,8 +20,10 @@ from hali_jax import input_pipeline
 from hali_jax import writers
 from hali_jax.errors import UserError
 
+# Not required by absl, so that the table scripts (--workdirs) can share this module: `workdir()`
+# asks for it.
 flags.DEFINE_string('workdir', None, 'Workdir of a training run (holds config.json and '
-                    'checkpoints/).', required=True)
+                    'checkpoints/).')
 flags.DEFINE_string('output_dir', None, 'Where the figures go; default WORKDIR/analysis.')
 flags.DEFINE_string('data_dir', None, 'tfds data dir of the held-out images, if not the one '
                     'in the run\'s config.json (e.g. the run was trained on another machine).')
@@ -32,12 +36,22 @@ flags.DEFINE_integer('index', 0, 'The latent to vary: an entry of the top vector
 FLAGS = flags.FLAGS
 
 
-def restore(step: int | None = None) -> checkpoint.Restored:
-  """The run in --workdir at `step` (default --step, else the latest), data dir from --data_dir."""
-  restored = checkpoint.restore(FLAGS.workdir, FLAGS.step if step is None else step)
+def workdir() -> str:
+  if not FLAGS.workdir:
+    raise UserError('--workdir=DIR is required: the workdir of a training run.')
+  return FLAGS.workdir
+
+
+def with_data_dir(restored: checkpoint.Restored) -> checkpoint.Restored:
+  """The run with --data_dir, if given, as its config's data dir."""
   if FLAGS.data_dir:
     restored.config.data_dir = FLAGS.data_dir
   return restored
+
+
+def restore(step: int | None = None) -> checkpoint.Restored:
+  """The run in --workdir at `step` (default --step, else the latest), data dir from --data_dir."""
+  return with_data_dir(checkpoint.restore(workdir(), FLAGS.step if step is None else step))
 
 
 def num_examples(default: int) -> int:
@@ -73,7 +87,7 @@ def check_index(model, level: int) -> int:
 
 
 def output_path(name: str) -> str:
-  directory = FLAGS.output_dir or os.path.join(FLAGS.workdir, 'analysis')
+  directory = FLAGS.output_dir or os.path.join(workdir(), 'analysis')
   os.makedirs(directory, exist_ok=True)
   return os.path.join(directory, name)
 
@@ -92,15 +106,16 @@ def save_grid(name: str, images) -> str:
                                                columns=images.shape[1]))
 
 
-def save_table(name: str, rows: list[dict]) -> tuple[str, str]:
-  """rows (dicts with the same keys) as name.csv and a markdown table name.md; returns paths."""
+def save_table(name: str, rows: list[dict], decimals: int = 4) -> tuple[str, str]:
+  """rows (dicts with the same keys) as name.csv and a markdown table name.md (floats at
+  `decimals`; None as an empty cell); returns the paths."""
   columns = list(rows[0])
   csv_path, md_path = output_path(f'{name}.csv'), output_path(f'{name}.md')
   with open(csv_path, 'w', newline='') as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
     writer.writerows(rows)
-  cell = lambda v: f'{v:.4f}' if isinstance(v, float) else str(v)
+  cell = lambda v: f'{v:.{decimals}f}' if isinstance(v, float) else '' if v is None else str(v)
   lines = ['| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
   lines += ['| ' + ' | '.join(cell(row[c]) for c in columns) + ' |' for row in rows]
   with open(md_path, 'w') as f:

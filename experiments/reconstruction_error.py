@@ -6,7 +6,9 @@ For each checkpoint, the mean over held-out images x of the Euclidean distance |
 and of the discriminator-embedded distance d_c(x, x_hat_l) (eq. 8, with that checkpoint's D; see
 hali_jax.analysis.discriminator_embedding), x_hat_l from the kernels' means; and, as a baseline,
 the same distances between each image and the next one in the split ("random pairs": what an
-unrelated image scores). Writes reconstruction_error.csv, .md and .png (a line plot per distance).
+unrelated image scores) and between each image and the mean of the images ("mean image": the best
+constant guess in Euclidean distance). Writes reconstruction_error.csv, .md and .png (a line plot
+per distance).
 --step is ignored: every checkpoint is evaluated.
 """
 
@@ -27,40 +29,25 @@ from hali_jax.errors import UserError
 flags.DEFINE_integer('batch_size', 100, 'Images per evaluation batch.')
 FLAGS = flags.FLAGS
 
-BASELINE = 'random pairs'
+BASELINES = ('random pairs', 'mean image')
 DISTANCES = ('euclidean', 'd_c')
 
 
-def map_batches(fn, arrays, batch_size: int):
-  """fn(*batch) over equal-length arrays, batch by batch; outputs are per-example, batch last.
-
-  The last batch is padded to full size (the padding's outputs dropped), so a jitted fn compiles
-  once.
-  """
-  n = len(arrays[0])
-  outputs = []
-  for start in range(0, n, batch_size):
-    size = min(batch_size, n - start)
-    batch = [np.concatenate([a[start:start + size], np.repeat(a[start + size - 1:start + size],
-                                                               batch_size - size, 0)])
-             for a in arrays]
-    outputs.append(jax.tree.map(lambda o: np.asarray(o)[..., :size], fn(*batch)))
-  return jax.tree.map(lambda *o: np.concatenate(o, axis=-1), *outputs)
-
-
 def make_errors(model):
-  """(variables, x, others) -> per-level reconstruction errors and the pairs' distances, jitted."""
-  return jax.jit(lambda variables, x, others: (
-      analysis.reconstruction_errors(model, variables, x),
-      analysis.distances(model, variables, x, others)))
+  """(variables, x, *baseline images) -> per-level reconstruction errors [B, L] and each
+  baseline's distances [B], jitted."""
+  return jax.jit(lambda variables, x, *baselines: (
+      jax.tree.map(lambda e: e.T, analysis.reconstruction_errors(model, variables, x)),
+      [analysis.distances(model, variables, x, b) for b in baselines]))
 
 
-def table_rows(step: int, levels: dict, baseline: dict) -> list[dict]:
-  """Rows (step, level, mean of each distance), the random-pairs baseline last."""
-  rows = [dict(step=step, level=str(l), **{d: float(levels[d][l - 1].mean()) for d in DISTANCES})
-          for l in range(1, len(levels['euclidean']) + 1)]
-  return rows + [dict(step=step, level=BASELINE,
-                      **{d: float(baseline[d].mean()) for d in DISTANCES})]
+def table_rows(step: int, levels: dict, baselines: list[dict]) -> list[dict]:
+  """Rows (step, level, mean of each distance), the baselines last."""
+  rows = [dict(step=step, level=str(l), **{d: float(levels[d][:, l - 1].mean())
+                                            for d in DISTANCES})
+          for l in range(1, levels['euclidean'].shape[1] + 1)]
+  return rows + [dict(step=step, level=name, **{d: float(b[d].mean()) for d in DISTANCES})
+                 for name, b in zip(BASELINES, baselines)]
 
 
 def plot(rows: list[dict]) -> str:
@@ -68,7 +55,7 @@ def plot(rows: list[dict]) -> str:
   for ax, distance in zip(axes, DISTANCES):
     for level in dict.fromkeys(r['level'] for r in rows):
       points = [(r['step'], r[distance]) for r in rows if r['level'] == level]
-      label, style = (BASELINE, '--') if level == BASELINE else (f'x_hat_{level}', '-o')
+      label, style = (level, '--') if level in BASELINES else (f'x_hat_{level}', '-o')
       ax.plot(*zip(*points), style, label=label)
     ax.set(xlabel='training step', title={'euclidean': 'Euclidean distance',
                                           'd_c': 'discriminator-embedded distance d_c'}[distance])
@@ -82,9 +69,9 @@ def plot(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
-  steps = checkpoint.all_steps(FLAGS.workdir)
+  steps = checkpoint.all_steps(common.workdir())
   if not steps:
-    raise UserError(f'{FLAGS.workdir} holds no checkpoints.')
+    raise UserError(f'{common.workdir()} holds no checkpoints.')
   if FLAGS.batch_size < 1:
     raise UserError(f'--batch_size must be positive, got {FLAGS.batch_size}.')
   n = common.num_examples(1000)
@@ -96,10 +83,10 @@ def main(argv):
     if errors is None:  # One compilation and the same images for every checkpoint.
       errors = make_errors(restored.model)
       x = common.held_out_images(restored.config, n)
-      others = np.roll(x, 1, axis=0)
-    levels, baseline = map_batches(functools.partial(errors, restored.variables), (x, others),
-                                   min(FLAGS.batch_size, n))
-    rows += table_rows(step, levels, baseline)
+      baseline_images = (np.roll(x, 1, axis=0), np.broadcast_to(x.mean(0), x.shape))
+    levels, baselines = analysis.map_in_batches(functools.partial(errors, restored.variables),
+                                                (x,) + baseline_images, min(FLAGS.batch_size, n))
+    rows += table_rows(step, levels, baselines)
   common.save_table('reconstruction_error', rows)
   plot(rows)
 

@@ -6,10 +6,11 @@ noise). With `key=None` every Gaussian kernel returns its mean (deterministic); 
 are sampled as in the paper's x_hat_l ~ T(x | z_l) o T(z_l | x).
 """
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hali_jax import models
 
@@ -61,6 +62,21 @@ def reconstructions(model: models.HALI, variables, x,
   zs = encode(model, variables, x, encode_key)
   return jnp.stack([decode_from(model, variables, z, l, k)
                     for l, (z, k) in enumerate(zip(zs, decode_keys), start=1)])
+
+
+def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int):
+  """fn(*batch) over equal-length arrays, `batch_size` examples at a time: its outputs (any pytree
+  of arrays whose first axis is the batch) concatenated as numpy. The last batch is padded to
+  full size and the padding's outputs dropped, so a jitted fn compiles once whatever the length."""
+  n = len(arrays[0])
+  outputs = []
+  for start in range(0, n, batch_size):
+    size = min(batch_size, n - start)
+    batch = [np.concatenate([a[start:start + size],
+                             np.zeros((batch_size - size,) + a.shape[1:], a.dtype)])
+             for a in map(np.asarray, arrays)]
+    outputs.append(jax.tree.map(lambda o: np.asarray(o)[:size], fn(*batch)))
+  return jax.tree.map(lambda *o: np.concatenate(o), *outputs)
 
 
 # --------------------------------------------------------------------------------------------

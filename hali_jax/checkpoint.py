@@ -224,3 +224,14 @@ def restore(workdir: str, step: int | None = None) -> Restored:
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)}))
   return Restored(config, model, dict(restored[STATE]), step)
+
+
+def initial(config: ml_collections.ConfigDict) -> Restored:
+  """The model `config` describes with its variables at initialisation (step 0): a run's
+  untrained self, the baseline of the representation tables. The same seed gives the same
+  variables the run started from."""
+  image_shape = input_pipeline.dataset_image_shape(config)
+  model = models.create_model(config.model, image_shape)
+  init = methods.init_fn(config, model, image_shape, optax.identity(), optax.identity())
+  state = step_lib.initialize(init, step_lib.make_mesh(jax.local_devices()))
+  return Restored(config, model, {'params': state.params, 'batch_stats': state.batch_stats}, 0)

@@ -33,6 +33,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.width = 1.0  # Multiplier on every hidden width (not on latent sizes).
   c.model.z_channels = 64  # Channels of each spatial latent z_1..z_{L-1}.
   c.model.z_dim = 256  # Size of the top latent z_L (a vector).
+  # Initial log-variance of every Gaussian kernel (the bias of its log-variance head).
+  c.model.logvar_init = 0.0
   c.model.input_noise_std = 0.2  # Gaussian noise on the inputs of the encoder and discriminator.
   c.model.dropout = True  # Discriminator dropout at Table 4's rates.
   c.model.leaky_slope = 0.2
@@ -70,6 +72,10 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.batch_size = 100  # Global batch, over all devices and processes.
   c.num_train_steps = 100_000
+  # Stop (log, evaluate, save) after this many minutes of this invocation's training loop, if
+  # num_train_steps is not reached first; 0: no limit. A wall-clock budget: where the run stops
+  # then depends on the machine's speed.
+  c.stop_after_minutes = 0.0
   c.seed = 0
 
   # --- Logging, evaluation, checkpoints -------------------------------------------------------

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import functools
 import os
+from typing import Iterator
 
 # A user's environment may have TensorFlow; if anything imports it anyway, keep it quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -180,10 +181,11 @@ def _read_batch(indices, *, source, preprocess) -> dict[str, np.ndarray]:
 
 
 def train_dataset(config: ml_collections.ConfigDict, process_index: int,
-                  process_count: int) -> grain.IterDataset:
+                  process_count: int, with_attributes: bool = False) -> grain.IterDataset:
   """This process's batches of the training stream: numpy image float32 and label int32.
 
   Each batch has config.batch_size // process_count examples; state is grain's.
+  with_attributes: CelebA's batches also hold 'attributes' (for the attribute classifier).
   """
   if config.batch_size % process_count:
     raise UserError(f'config.batch_size={config.batch_size} does not split over '
@@ -198,7 +200,7 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
   # Batch while still a MapDataset, so grain workers each make whole batches and the order
   # does not depend on config.input.worker_count.
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
-  ds = ds.map(_reader(config, source, with_attributes=False))
+  ds = ds.map(_reader(config, source, with_attributes=with_attributes))
   iter_ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_THREADS))
   if config.input.worker_count:
@@ -269,6 +271,51 @@ def load_split(config: ml_collections.ConfigDict, split: str,
     raise UserError(f'Asked for {count} examples of {config.dataset} {split}, which has '
                     f'{len(source)}. Ask for 1..{len(source)} (config.input.eval_batch_size).')
   return _reader(config, source, with_attributes=True)(range(count))
+
+
+def split_size(config: ml_collections.ConfigDict, split: str) -> int:
+  """The number of examples in `split`."""
+  return len(_open_split(config, split))
+
+
+def split_batches(config: ml_collections.ConfigDict, split: str, batch_size: int,
+                  limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+  """The first `limit` examples of `split` (all by default), in order, `batch_size` at a time.
+
+  As `load_split`, batch by batch, so that a split too large for memory (CelebA's test images)
+  can be reduced to features as it is read. The last batch may be smaller.
+  """
+  source = _open_split(config, split)
+  count = len(source) if limit is None else limit
+  if not 0 < count <= len(source):
+    raise UserError(f'Asked for {count} examples of {config.dataset} {split}, which has '
+                    f'{len(source)}. Ask for 1..{len(source)}.')
+  read = _reader(config, source, with_attributes=True)
+  for start in range(0, count, batch_size):
+    yield read(range(start, min(start + batch_size, count)))
+
+
+def attribute_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The binary attributes the representation evaluation scores, in `attributes`' column order.
+
+  CelebA: its 40 annotated attributes (sorted by name, as `load_split`'s columns). A dataset with
+  classes: one attribute per class, its one-vs-rest indicator (MNIST: '0' .. '9').
+  """
+  facts = _facts(config)
+  features = tfds.builder(config.dataset, data_dir=config.data_dir).info.features
+  if 'attributes' in features:
+    return tuple(sorted(features['attributes'].keys()))
+  if not facts.num_classes:
+    raise UserError(f'{config.dataset} has neither attributes nor class labels to evaluate.')
+  return tuple(features['label'].names)
+
+
+def attributes(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]) -> np.ndarray:
+  """[N, A] int32 in {0, 1}: a batch's attributes (CelebA), or its classes one-vs-rest."""
+  if 'attributes' in batch:
+    return batch['attributes']
+  num_classes = _facts(config).num_classes
+  return (batch['label'][:, None] == np.arange(num_classes)[None, :]).astype(np.int32)
 
 
 def eval_batch(config: ml_collections.ConfigDict,

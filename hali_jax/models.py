@@ -66,8 +66,10 @@ Layer = Union[Conv, Res, Upsample, ToGrid]
 
 # name -> (image side, side of z_1). '128': Table 4 (CelebA-128, ImageNet-128: z_1 64x32x32).
 # '64': CelebA-64 as in the text (z_1 64x16x16). '32': CIFAR-10 / SVHN (z_1 64x16x16): Table 4 with
-# one fewer downsampling. '28': MNIST, see `build_architecture`.
-ARCHITECTURES = {'128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14)}
+# one fewer downsampling. '28': MNIST in Table 4's pattern. '28-lean': MNIST, ~10x cheaper (see
+# `build_architecture`).
+ARCHITECTURES = {'128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14),
+                 '28-lean': (28, 14)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +89,32 @@ class Architecture:
   disc_stages: tuple[tuple[Layer, ...], ...]
   disc_joint: tuple[Layer, ...]
   disc_logit: Conv
+  # Initial log-variance of every Gaussian layer (the bias of its log-variance head).
+  logvar_init: float = 0.0
 
   @property
   def num_levels(self) -> int:
     return len(self.latent_shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stages:
+  """One architecture family's networks, stage by stage; `_assemble` builds any depth from them.
+
+  x: at the image's side, z_1's side; vector: a spatial side (z_1's or above) to the top vector or
+  back; step: one spatial level to the next (half the side) or back. Stage functions take a side.
+  """
+  enc_x: tuple[Layer, ...]
+  enc_to_vector: Any
+  enc_down: Any
+  dec_from_vector: Any
+  dec_up: Any
+  dec_x: tuple[Layer, ...]
+  disc_x: tuple[Layer, ...]
+  disc_to_vector: Any
+  disc_down: Any
+  disc_joint: tuple[Layer, ...]
+  disc_logit: Conv
 
 
 def _halving_sides(side: int, target: int) -> list[int]:
@@ -104,7 +128,8 @@ def _halving_sides(side: int, target: int) -> list[int]:
 
 
 def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,
-                       z_channels: int = 64, z_dim: int = 256) -> Architecture:
+                       z_channels: int = 64, z_dim: int = 256,
+                       logvar_init: float = 0.0) -> Architecture:
   """Every network's layers for architecture `arch` at depth `num_levels`.
 
   With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
@@ -116,11 +141,18 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
     * '28' (MNIST, our design): z_1 is 14x14 (one halving, like CIFAR's 32 -> 16, since digits need
       no more spatial compression to be abstract), the path to the vector goes 14 -> 7 -> 4 -> 1 with
       'SAME' stride-2 convolutions and a 4x4 'valid' one, and the decoder mirrors it with bilinear
-      resizes 4 -> 7 -> 14. The MNIST configs shrink widths and latents (configs/mnist.py).
+      resizes 4 -> 7 -> 14.
+    * '28-lean' (MNIST, our design for a 2-core CPU, the MNIST configs' default): the same sides as
+      '28' and the paper's ingredients (Gaussian kernels at every level, batch norm in the encoder
+      and decoder, bilinear upsampling, a weight-normalised joint discriminator with Table 4's
+      dropout pattern), but no residual blocks, every stage one convolution, and narrow layers at
+      28x28 and 14x14, where the FLOPs are: ~10x fewer FLOPs per step than '28' (experiments/
+      RESULTS.md).
     * Depth L >= 3 inserts spatial levels z_2..z_{L-1}, each at half the side of the one below
       (one stride-2 stage down, one upsampling stage up, one stride-2 discriminator stage).
     * Depth 1 is ALI: x -> z_1 (a vector) through the level-1 and level-2 networks composed.
   `width` multiplies every hidden width (not the latents, not the image channels).
+  `logvar_init` is the initial log-variance of every Gaussian layer.
   """
   if arch not in ARCHITECTURES:
     raise UserError(f'Unknown model.arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.')
@@ -132,15 +164,23 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
     raise UserError(f'model.num_levels={num_levels} is too deep for arch {arch!r}: spatial latents '
                     f'would shrink below 4x4 ({spatial_sides}). Use at most '
                     f'{int(math.log2(z1_side // 4)) + 2} levels.')
+  down_x = _halving_sides(x_side, z1_side)
+  if len(down_x) - 1 not in (1, 2):
+    raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
   w = lambda n: max(1, round(n * width))
+  family = _lean_stages if arch == '28-lean' else _table_4_stages
+  stages = family(w, x_side, down_x, image_channels)
+  architecture = _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides,
+                           z_channels, z_dim)
+  return dataclasses.replace(architecture, logvar_init=logvar_init)
 
+
+def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
+  """Table 4's networks, for any image side with 1 or 2 halvings to z_1."""
   def lrelu_conv_before_gaussian():  # Table 4: "Convolution 3x3 1x1 128" ahead of each Gaussian layer.
     return Conv(w(128))
 
   # Encoder, x -> features at z_1's side (Table 4, Gz1(x)).
-  down_x = _halving_sides(x_side, z1_side)
-  if len(down_x) - 1 not in (1, 2):
-    raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
   s2 = 2 if len(down_x) == 3 else 1
   enc_x = (Conv(w(32)), Conv(w(64), stride=2, norm='bn'), Res(w(64)), Res(w(64)),
            Conv(w(128), stride=s2, norm='bn'), Res(w(128)), lrelu_conv_before_gaussian())
@@ -199,26 +239,74 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
     del side
     return (Conv(w(256), norm='wn', dropout=0.2), Conv(w(256), stride=2, norm='wn', dropout=0.5))
 
-  disc_joint = (Conv(w(1024), kernel=1, dropout=0.5), Conv(w(1024), kernel=1, dropout=0.5))
-  disc_logit = Conv(1, kernel=1, act='linear', dropout=0.5)
+  return _Stages(
+      enc_x=enc_x, enc_to_vector=enc_to_vector, enc_down=enc_down,
+      dec_from_vector=dec_from_vector, dec_up=dec_up, dec_x=dec_x, disc_x=disc_x,
+      disc_to_vector=disc_to_vector, disc_down=disc_down,
+      disc_joint=(Conv(w(1024), kernel=1, dropout=0.5), Conv(w(1024), kernel=1, dropout=0.5)),
+      disc_logit=Conv(1, kernel=1, act='linear', dropout=0.5))
 
-  if num_levels == 1:  # ALI: the level-1 and level-2 networks composed, without z_1 in between.
+
+def _lean_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
+  """'28-lean': one convolution per stage, the widths halving towards the image."""
+  del down_x  # One halving, 28 -> 14.
+
+  def halvings(side):  # Stride-2 stages from `side` to the 4x4 grid: 14 -> 7 -> 4.
+    return len(_halving_sides(side, 4)) - 1
+
+  def enc_to_vector(side):
+    return tuple(Conv(w(64 * 2**i), stride=2, norm='bn') for i in range(halvings(side))) + (
+        Conv(w(256), kernel=4, norm='bn', padding='VALID'), Conv(w(256), kernel=1, act='linear'))
+
+  def dec_from_vector(side):
+    ups = _halving_sides(side, 4)[::-1][1:]
+    layers = [Conv(w(4 * 4 * 128), kernel=1, norm='bn'), ToGrid(4)]
+    for i, s in enumerate(ups):
+      layers += [Upsample(s), Conv(w(64 // 2**i), norm='bn')]
+    return tuple(layers)
+
+  def disc_to_vector(side):
+    return tuple(Conv(w(64 * 2**i), stride=2, norm='wn', dropout=0.5)
+                 for i in range(halvings(side))) + (
+        Conv(w(256), kernel=4, norm='wn', dropout=0.2, padding='VALID'),)
+
+  return _Stages(
+      enc_x=(Conv(w(32)), Conv(w(32), stride=2, norm='bn')),
+      enc_to_vector=enc_to_vector,
+      enc_down=lambda side: (Conv(w(64), stride=2, norm='bn'),),
+      dec_from_vector=dec_from_vector,
+      dec_up=lambda side: (Conv(w(64), norm='bn'), Upsample(side), Conv(w(32), norm='bn')),
+      dec_x=(Conv(w(32), norm='bn'), Upsample(x_side), Conv(w(16), norm='bn'),
+             Conv(image_channels, kernel=1, act='tanh')),
+      disc_x=(Conv(w(32), norm='wn', dropout=0.2), Conv(w(32), stride=2, norm='wn', dropout=0.5)),
+      disc_to_vector=disc_to_vector,
+      disc_down=lambda side: (Conv(w(64), stride=2, norm='wn', dropout=0.5),),
+      disc_joint=(Conv(w(512), kernel=1, dropout=0.5), Conv(w(512), kernel=1, dropout=0.5)),
+      disc_logit=Conv(1, kernel=1, act='linear', dropout=0.5))
+
+
+def _assemble(stages: _Stages, image_shape, z1_side: int, spatial_sides: list[int],
+              z_channels: int, z_dim: int) -> Architecture:
+  """The networks of depth len(spatial_sides) + 1 from a family's stages."""
+  s = stages
+  if not spatial_sides:  # ALI: the level-1 and level-2 networks composed, without z_1 in between.
     return Architecture(
-        image_shape=(x_side, x_side, image_channels), latent_shapes=((z_dim,),),
-        encoder=(enc_x + enc_to_vector(z1_side),),
-        decoder=(dec_from_vector(z1_side) + dec_x,),
-        disc_stages=(disc_x + disc_to_vector(z1_side),),
-        disc_joint=disc_joint, disc_logit=disc_logit)
-
+        image_shape=image_shape, latent_shapes=((z_dim,),),
+        encoder=(s.enc_x + s.enc_to_vector(z1_side),),
+        decoder=(s.dec_from_vector(z1_side) + s.dec_x,),
+        disc_stages=(s.disc_x + s.disc_to_vector(z1_side),),
+        disc_joint=s.disc_joint, disc_logit=s.disc_logit)
   top_side = spatial_sides[-1]
   return Architecture(
-      image_shape=(x_side, x_side, image_channels),
-      latent_shapes=tuple((s, s, z_channels) for s in spatial_sides) + ((z_dim,),),
-      encoder=(enc_x,) + tuple(enc_down(s) for s in spatial_sides[:-1]) + (enc_to_vector(top_side),),
-      decoder=(dec_x,) + tuple(dec_up(s) for s in spatial_sides[:-1]) + (dec_from_vector(top_side),),
-      disc_stages=(disc_x,) + tuple(disc_down(s) for s in spatial_sides[:-1])
-      + (disc_to_vector(top_side),),
-      disc_joint=disc_joint, disc_logit=disc_logit)
+      image_shape=image_shape,
+      latent_shapes=tuple((side, side, z_channels) for side in spatial_sides) + ((z_dim,),),
+      encoder=(s.enc_x,) + tuple(s.enc_down(side) for side in spatial_sides[:-1])
+      + (s.enc_to_vector(top_side),),
+      decoder=(s.dec_x,) + tuple(s.dec_up(side) for side in spatial_sides[:-1])
+      + (s.dec_from_vector(top_side),),
+      disc_stages=(s.disc_x,) + tuple(s.disc_down(side) for side in spatial_sides[:-1])
+      + (s.disc_to_vector(top_side),),
+      disc_joint=s.disc_joint, disc_logit=s.disc_logit)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +374,14 @@ class GaussianLayer(nn.Module):
   With `key=None` the layer is deterministic and returns the mean as z (for analysis).
   """
   shape: tuple[int, ...]  # (H, W, C) or (D,)
+  logvar_init: float = 0.0
 
   @nn.compact
   def __call__(self, h, key: jax.Array | None) -> Gaussian:
     channels = self.shape[-1]
     mean = nn.Conv(channels, (1, 1), name='mean')(h).reshape((h.shape[0],) + self.shape)
-    logvar = nn.Conv(channels, (1, 1), name='logvar')(h).reshape((h.shape[0],) + self.shape)
+    logvar = nn.Conv(channels, (1, 1), bias_init=nn.initializers.constant(self.logvar_init),
+                     name='logvar')(h).reshape((h.shape[0],) + self.shape)
     if key is None:
       return Gaussian(mean, mean, logvar)
     eps = jax.random.normal(key, mean.shape, mean.dtype)
@@ -308,11 +398,12 @@ class GaussianKernel(nn.Module):
   body: Sequence[Layer]
   out_shape: tuple[int, ...]
   slope: float
+  logvar_init: float = 0.0
 
   @nn.compact
   def __call__(self, z_in, key: jax.Array | None, *, train: bool) -> Gaussian:
     h = Stack(self.body, self.slope, name='body')(_as_grid(z_in), train=train)
-    return GaussianLayer(self.out_shape, name='gaussian')(h, key)
+    return GaussianLayer(self.out_shape, self.logvar_init, name='gaussian')(h, key)
 
 
 class Encoder(nn.Module):
@@ -322,7 +413,7 @@ class Encoder(nn.Module):
 
   def setup(self):
     arch = self.arch
-    self.levels = [GaussianKernel(body, shape, self.slope)  # levels[l-1]: T(z_l | z_{l-1})
+    self.levels = [GaussianKernel(body, shape, self.slope, arch.logvar_init)  # T(z_l | z_{l-1})
                    for body, shape in zip(arch.encoder, arch.latent_shapes)]
 
   def kernel(self, level: int, z_below, key: jax.Array | None, *, train: bool) -> Gaussian:
@@ -350,7 +441,8 @@ class Decoder(nn.Module):
   def setup(self):
     arch = self.arch
     self.to_image = Stack(arch.decoder[0], self.slope)
-    self.levels = [GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope)
+    self.levels = [GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope,
+                                  arch.logvar_init)
                    for l in range(1, arch.num_levels)]  # levels[l-1]: T(z_l | z_{l+1})
 
   def kernel(self, level: int, z_above, key: jax.Array | None, *, train: bool) -> Gaussian:
@@ -455,7 +547,8 @@ class HALI(nn.Module):
 def create_model(model_config, image_shape: Sequence[int]) -> HALI:
   """The HALI module for `config.model` and the dataset's (H, W, C) after preprocessing."""
   arch = build_architecture(model_config.arch, model_config.num_levels, image_shape[-1],
-                            model_config.width, model_config.z_channels, model_config.z_dim)
+                            model_config.width, model_config.z_channels, model_config.z_dim,
+                            model_config.logvar_init)
   if tuple(image_shape) != arch.image_shape:
     raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'
                     f'{arch.image_shape[1]} images but the data is {image_shape[0]}x{image_shape[1]}:'

@@ -15,6 +15,7 @@ import json
 import math
 import signal
 import threading
+import time
 from typing import Callable
 
 from absl import logging
@@ -50,6 +51,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     value = functools.reduce(getattr, name.split('.'), config)
     if value <= 0:
       raise UserError(f'config.{name}={value} must be positive (--config.{name}=N).')
+  if config.stop_after_minutes < 0:
+    raise UserError(f'config.stop_after_minutes={config.stop_after_minutes} must be >= 0 '
+                    '(0: no time limit).')
   methods.validate(config)
 
 
@@ -151,6 +155,21 @@ def stop_requests():
   finally:
     for sig, old in previous.items():
       signal.signal(sig, old)
+
+
+def time_limit(minutes: float, every_steps: int) -> Callable[[int], bool]:
+  """`reached(step) -> bool`: True once `minutes` have passed since this call (0: never).
+
+  Several processes must stop at the same step: there process 0's clock decides, every
+  `every_steps` steps (a collective each time).
+  """
+  if not minutes:
+    return lambda step: False
+  deadline = time.monotonic() + 60 * minutes
+  if jax.process_count() == 1:
+    return lambda step: time.monotonic() > deadline
+  return lambda step: step % every_steps == 0 and bool(multihost_utils.broadcast_one_to_all(
+      np.bool_(time.monotonic() > deadline)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     # Fixed prior draws: the sample grids of successive evaluations show the same z.
     sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
     progress = writers.Progress(start_step, config.num_train_steps)
+    out_of_time = time_limit(config.stop_after_minutes, config.log_every_steps)
     averages = None
 
     for step in range(start_step + 1, config.num_train_steps + 1):
@@ -274,7 +294,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       if averages is None:
         averages = metric_averages(step_metrics)
       averages = accumulate(averages, step_metrics)
-      last = step == config.num_train_steps
+      # The time limit ends a run as its last step would: logged, evaluated, saved.
+      last = step == config.num_train_steps or out_of_time(step)
 
       if step % config.log_every_steps == 0 or last:
         scalars = averages.compute()
@@ -299,5 +320,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         checkpoint.save(manager, step, state, train_iter.get_state())
       if stop:
         logging.warning('Stopped at step %d; run again with the same --workdir to resume.', step)
+        break
+      if last:
+        if step < config.num_train_steps:
+          logging.info('Stopped at step %d: config.stop_after_minutes=%g reached.', step,
+                       config.stop_after_minutes)
         break
   return state  # Leaving the `with` waited for the checkpoints to be written.

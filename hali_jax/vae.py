@@ -3,11 +3,14 @@
 With q(z_l | z_{l-1}) the encoder's kernels (z_0 = x), p(z_l | z_{l+1}) the decoder's and
 p(z_L) = N(0, I), the ELBO of x is
 
-  E_q[log p(x | z_1)] - sum_{l<L} E_q[KL(q(z_l | z_{l-1}) || p(z_l | z_{l+1}))]
+  E_q[log p(x | z_1)] - sum_{l<L} E_q[log q(z_l | z_{l-1}) - log p(z_l | z_{l+1})]
                       - E_q[KL(q(z_L | z_{L-1}) || N(0, I))],
 
-estimated with one reparameterized sample of the encoder's chain: each KL in closed form between
-two diagonal Gaussians, p's given q's sample of the level above. p(x | z_1) = N(decoder(z_1),
+estimated with one reparameterized sample z_1, ..., z_L of the encoder's chain (`kl_terms`). For
+l < L the term is the single-sample log-ratio at the sampled z_l and z_{l+1}: a closed-form KL
+between q(z_l | z_{l-1}) and p(z_l | z_{l+1}) at the sampled z_{l+1} would be biased, because
+z_{l+1} is drawn from q(z_{l+1} | z_l) and so depends on z_l. The top level's KL against the prior
+is in closed form (nothing above it depends on z_L). p(x | z_1) = N(decoder(z_1),
 config.vae.x_std^2 I) around the decoder's tanh output. L = 1 is the VAE of ALI's networks.
 The encoder sees clean x: the input noise of sec. 4 is part of the adversarial game, not of the
 model. The state is `step.TrainState`; the discriminator's params and optimizer state stay as
@@ -39,6 +42,25 @@ def gaussian_kl(q: models.Gaussian, p_mean, p_logvar) -> jax.Array:
   return kl.reshape(kl.shape[0], -1).sum(-1)
 
 
+def gaussian_log_density(z, mean, logvar) -> jax.Array:
+  """log N(z; mean, diag(exp(logvar))) per example, summed over each example's dimensions."""
+  log_density = -0.5 * (logvar + (z - mean)**2 / jnp.exp(logvar) + math.log(2 * math.pi))
+  return log_density.reshape(log_density.shape[0], -1).sum(-1)
+
+
+def kl_terms(q_levels: Sequence[models.Gaussian],
+             p_levels: Sequence[models.Gaussian]) -> list[jax.Array]:
+  """Each level's KL term of the ELBO, per example, from one sample of the encoder's chain.
+
+  q_levels[l-1]: q(z_l | z_{l-1}) with its sample z_l; p_levels[l-1]: p(z_l | z_{l+1}) at the
+  sampled z_{l+1}, for l < L. Level l < L: log q(z_l | z_{l-1}) - log p(z_l | z_{l+1}) at the
+  samples (unbiased). Level L: KL(q(z_L | z_{L-1}) || N(0, I)) in closed form.
+  """
+  terms = [gaussian_log_density(q.z, q.mean, q.logvar) - gaussian_log_density(q.z, p.mean, p.logvar)
+           for q, p in zip(q_levels[:-1], p_levels)]
+  return terms + [gaussian_kl(q_levels[-1], 0.0, 0.0)]
+
+
 def gaussian_log_likelihood(x, mean, std: float) -> jax.Array:
   """log N(x; mean, std^2 I) per example."""
   log_density = -0.5 * ((x - mean) / std)**2 - math.log(std) - 0.5 * math.log(2 * math.pi)
@@ -60,9 +82,8 @@ def elbo(g_params, batch_stats, x, encoder_keys, *, model: models.HALI,
       {'params': g_params['decoder'], 'batch_stats': batch_stats['decoder']},
       [g.z for g in q_levels], train=True, method=_decode_given_q, mutable=['batch_stats'])
 
-  p_params = [(p.mean, p.logvar) for p in p_levels] + [(0.0, 0.0)]  # p(z_L) = N(0, I).
-  kls = {f'kl_{l}': jnp.mean(gaussian_kl(q, *p))
-         for l, (q, p) in enumerate(zip(q_levels, p_params), start=1)}
+  kls = {f'kl_{l}': jnp.mean(term)
+         for l, term in enumerate(kl_terms(q_levels, p_levels), start=1)}
   reconstruction = jnp.mean(gaussian_log_likelihood(x, x_mean, x_std))
   terms = dict(elbo=reconstruction - sum(kls.values()), reconstruction=reconstruction, **kls)
   new_stats = {'encoder': encoder_stats['batch_stats'], 'decoder': decoder_stats['batch_stats']}

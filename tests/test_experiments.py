@@ -7,11 +7,14 @@ training program's in this one), imported together so that Python and JAX start 
 """
 
 import csv
+import json
+import os
 from pathlib import Path
 import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -19,6 +22,7 @@ import pytest
 from configs import mnist
 from hali_jax import train
 from tests.test_input_pipeline import mock_tfds
+from tests.test_train import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('reconstructions', 'samples', 'reconstruction_error', 'inpainting', 'innovation',
@@ -35,23 +39,27 @@ def workdir(tmp_path_factory) -> Path:
   return path
 
 
-def run_scripts(workdir: Path, output_dir: Path) -> subprocess.CompletedProcess:
+def run_in_one_process(scripts, *flags) -> subprocess.CompletedProcess:
+  """Runs each script's main in turn, in one subprocess, on mock data, with the given flags."""
   driver = textwrap.dedent(f"""
       import sys
       sys.path.insert(0, 'experiments')
       from absl import flags
-      {'; '.join(f'import {name}' for name in SCRIPTS)}
+      {'; '.join(f'import {name}' for name in scripts)}
       from tests.test_input_pipeline import mock_tfds
 
       flags.FLAGS(sys.argv)
       with mock_tfds({MOCK_EXAMPLES}):
-        for script in ({', '.join(SCRIPTS)},):
+        for script in ({', '.join(scripts)},):
           script.main([])
   """)
-  flags = [f'--workdir={workdir}', f'--output_dir={output_dir}',
-           f'--num_examples={NUM_EXAMPLES}', '--alphas=-2,1,2']
   return subprocess.run([sys.executable, '-c', driver, *flags], cwd=REPO, capture_output=True,
-                        text=True, timeout=300)
+                        text=True, timeout=600)
+
+
+def run_scripts(workdir: Path, output_dir: Path) -> subprocess.CompletedProcess:
+  return run_in_one_process(SCRIPTS, f'--workdir={workdir}', f'--output_dir={output_dir}',
+                            f'--num_examples={NUM_EXAMPLES}', '--alphas=-2,1,2')
 
 
 def grid_shape(rows: int, columns: int, side: int = 28) -> tuple[int, int, int]:
@@ -87,7 +95,8 @@ def test_every_script_writes_its_files(workdir, tmp_path):
   with open(tmp_path / 'reconstruction_error.csv') as f:
     rows = list(csv.DictReader(f))
   assert [(r['step'], r['level']) for r in rows] == [
-      (step, level) for step in ('2', '4') for level in ('1', '2', 'random pairs')]
+      (step, level) for step in ('2', '4')
+      for level in ('1', '2', 'random pairs', 'mean image')]
   assert all(float(r['euclidean']) > 0 and float(r['d_c']) > 0 for r in rows)
   table = (tmp_path / 'reconstruction_error.md').read_text().splitlines()
   assert table[0] == '| step | level | euclidean | d_c |' and len(table) == 2 + len(rows)
@@ -104,3 +113,125 @@ def test_bad_flags_are_user_errors(workdir, tmp_path):
   assert result.returncode == 2, result.stderr[-3000:]
   assert 'error: --index=8 is out of range for z_2' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The table scripts (several runs: --workdirs).
+# --------------------------------------------------------------------------------------------
+
+TABLE_SCRIPTS = ('attribute_svms', 'attribute_preservation', 'sample_quality')
+
+
+def read_csv(path: Path) -> list[dict]:
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_table_scripts_write_the_papers_tables(workdir, tmp_path):
+  """Two names for the same run: their rows must be equal, and tie for # Best."""
+  out = tmp_path / 'tables'
+  result = run_in_one_process(
+      TABLE_SCRIPTS, f'--workdirs=hali={workdir},again={workdir}', f'--output_dir={out}',
+      '--svm_train_examples=16', '--test_examples=12', f'--classifier_dir={tmp_path / "vgg"}',
+      '--classifier_width=0.125', '--classifier_epochs=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  digits = [str(d) for d in range(10)]
+
+  # Table 6 / 2: every row, one column per compared feature set.
+  rows = read_csv(out / 'attribute_svms.csv')
+  assert [r['attribute'] for r in rows] == digits
+  feature_sets = ['raw pixels', 'untrained hali/again z1', 'untrained hali/again z2',
+                  'hali z1', 'hali z2', 'again z1', 'again z2']
+  assert list(rows[0]) == ['attribute'] + feature_sets
+  assert all(0 <= float(r[f]) <= 100 for r in rows for f in feature_sets)
+  assert all(r['hali z2'] == r['again z2'] for r in rows)
+  summary = {r['']: r for r in read_csv(out / 'attribute_svms_summary.csv')}
+  assert list(summary) == feature_sets
+  assert summary['hali z1']['# Best'] == summary['again z1']['# Best']
+  assert sum(int(s['# Best']) for s in summary.values()) >= 10  # Ties count for every row.
+  table = (out / 'attribute_svms_summary.md').read_text().splitlines()
+  assert table[0] == '|  | Mean | Std | # Best |' and len(table) == 2 + len(feature_sets)
+  assert len(read_csv(out / 'attribute_svms_c.csv')) == len(feature_sets)
+
+  # Table 5 / 1: the data row un-normalised and out of the # Best competition.
+  rows = read_csv(out / 'attribute_preservation.csv')
+  assert list(rows[0]) == ['attribute', 'Data', 'hali x_hat_1', 'hali x_hat_2', 'again x_hat_1',
+                           'again x_hat_2']
+  summary = {r['']: r for r in read_csv(out / 'attribute_preservation_summary.csv')}
+  assert summary['Data']['# Best'] == '' and summary['hali x_hat_1']['# Best'] != ''
+
+  # The Frechet distances: the same run with the same seed scores the same.
+  rows = {r['row']: r for r in read_csv(out / 'sample_quality.csv')}
+  assert list(rows) == ['real training images', 'hali samples', 'again samples']
+  assert rows['hali samples']['frechet_distance'] == rows['again samples']['frechet_distance']
+  assert float(rows['real training images']['frechet_distance']) >= 0
+  assert (tmp_path / 'vgg' / 'classifier.json').exists()
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--workdirs=hali', "--workdirs entry 'hali' is not NAME=DIR"),
+    ('--workdirs=a={w},a={w}', "--workdirs names 'a' twice"),
+])
+def test_table_scripts_bad_flags(workdir, tmp_path, flag, message):
+  result = subprocess.run(
+      [sys.executable, 'experiments/attribute_svms.py', flag.format(w=workdir),
+       f'--output_dir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def mock_data_env(directory: Path) -> dict:
+  """An environment in which every Python process (and its children) reads mock tfds data: a
+  sitecustomize hook enters `mock_tfds` at start-up."""
+  hooks = directory / 'hooks'
+  hooks.mkdir()
+  (hooks / 'sitecustomize.py').write_text(textwrap.dedent(f'''
+      from tests.test_input_pipeline import mock_tfds
+      MOCK = mock_tfds({MOCK_EXAMPLES})  # Kept: the patches last while the context is open.
+      MOCK.__enter__()
+  '''))
+  env = subprocess_env()
+  env['PYTHONPATH'] = os.pathsep.join([str(hooks), str(REPO)])
+  return env
+
+
+def test_mnist_study_end_to_end(tmp_path):
+  """The study's pipeline on a tiny budget: every command runs (each in its own process, on mock
+  data) and the summary gathers their tables."""
+  out = tmp_path / 'study'
+  result = subprocess.run(
+      [sys.executable, 'experiments/mnist_study.py', f'--output_dir={out}',
+       '--config_options=tiny', '--max_steps_per_model=2', '--checkpoint_every_steps=1',
+       '--svm_train_examples=16', '--test_examples=12', '--classifier_epochs=1',
+       '--classifier_width=0.125'], cwd=REPO, env=mock_data_env(tmp_path), capture_output=True,
+      text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-5000:]
+  summary = (out / 'summary.md').read_text()
+  for model in ('hali', 'ali', 'vae'):
+    assert f'| {model} | 2 |' in summary
+    assert json.loads((out / model / 'study_time.json').read_text())['seconds'] > 0
+    for name in ('samples.png', 'reconstructions.png', 'reconstruction_error.png'):
+      assert (out / model / 'analysis' / name).is_file()
+  for heading in ('Table 2', 'Table 1', 'Frechet', 'hali: reconstruction error per level'):
+    assert heading in summary
+  assert '| ali z1 |' in summary and '| vae x_hat_2 |' in summary
+  assert '| 2 | mean image |' in summary
+
+
+def test_benchmark_reports_every_measure(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
+       f'--output_dir={tmp_path / "bench"}', '--windows=2', '--window_steps=2',
+       '--pipeline_batches=2'], cwd=REPO, env=mock_data_env(tmp_path), capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  report = json.loads((tmp_path / 'bench' / 'benchmark.json').read_text())
+  assert set(report['compile_seconds']) == {'init_state', 'train_step', 'evaluate',
+                                            'accumulate_metrics'}
+  assert all(seconds > 0 for seconds in report['compile_seconds'].values())
+  for key in ('steps_per_sec', 'images_per_sec', 'gflop_per_step', 'achieved_gflops',
+              'matmul_peak_gflops_f32', 'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'):
+    assert report[key] > 0, key
+  assert report['images_per_sec'] == pytest.approx(8 * report['steps_per_sec'])
+  assert report['device'] and report['jax'] == jax.__version__
+  assert '| steps_per_sec |' in (tmp_path / 'bench' / 'benchmark.md').read_text()

@@ -66,14 +66,14 @@ def test_width_scales_hidden_layers_only():
 
 
 EXPECTED_LATENTS = {  # arch -> (image side, z_1 side); the paper's sizes for 128/64/32.
-    '128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14)}
+    '128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14), '28-lean': (28, 14)}
 
 
 @pytest.mark.parametrize('arch', sorted(EXPECTED_LATENTS))
 @pytest.mark.parametrize('num_levels', [1, 2, 3])
 def test_shapes_at_every_level(arch, num_levels):
   side, z1_side = EXPECTED_LATENTS[arch]
-  channels = 1 if arch == '28' else 3
+  channels = 1 if arch.startswith('28') else 3
   a = models.build_architecture(arch, num_levels, channels, width=0.125, z_channels=8, z_dim=16)
   expected = ([(z1_side // 2**l,) * 2 + (8,) for l in range(num_levels - 1)] + [(16,)])
   assert list(a.latent_shapes) == expected
@@ -89,6 +89,20 @@ def test_shapes_at_every_level(arch, num_levels):
   assert out['logits_q'].shape == out['logits_p'].shape == (4,)
 
 
+def test_lean_mnist_keeps_the_papers_ingredients():
+  a = models.build_architecture('28-lean', 2, image_channels=1, z_channels=16, z_dim=64)
+  layers = [l for net in a.encoder + a.decoder + a.disc_stages for l in net] + list(a.disc_joint)
+  assert not any(isinstance(l, Res) for l in layers)  # One convolution per stage.
+  generator = [l for net in a.encoder + a.decoder for l in net if isinstance(l, Conv)]
+  disc = [l for net in a.disc_stages for l in net] + list(a.disc_joint) + [a.disc_logit]
+  assert any(l.norm == 'bn' for l in generator) and all(l.norm != 'wn' for l in generator)
+  assert all(l.dropout == 0 for l in generator)
+  assert all(l.norm == 'wn' for l in disc[:-3]) and all(l.dropout in (0.2, 0.5) for l in disc)
+  assert [u.size for u in a.decoder[0] if isinstance(u, Upsample)] == [28]
+  assert [u.size for u in a.decoder[1] if isinstance(u, Upsample)] == [7, 14]
+  assert a.latent_shapes == ((14, 14, 16), (64,))
+
+
 def test_depth_and_size_errors():
   with pytest.raises(UserError, match='too deep'):
     models.build_architecture('28', 5, 1)
@@ -97,7 +111,8 @@ def test_depth_and_size_errors():
   with pytest.raises(UserError, match='Unknown model.arch'):
     models.build_architecture('96', 2, 3)
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
-                              leaky_slope=0.2, input_noise_std=0.2, dropout=True))
+                              logvar_init=0.0, leaky_slope=0.2, input_noise_std=0.2,
+                              dropout=True))
   with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
     models.create_model(config, (28, 28, 1))
 

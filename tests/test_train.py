@@ -171,6 +171,16 @@ def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path):
   check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
 
 
+def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
+  """A limit that has passed after the first step: logged, evaluated and saved at step 1."""
+  with mock_tfds(MOCK_EXAMPLES):
+    state = train.train_and_evaluate(tiny_config(stop_after_minutes=1e-9), str(tmp_path))
+  assert int(state.step) == 1
+  check_outputs(tmp_path, steps=[1], eval_steps=[1], side=28, levels=2)
+  with pytest.raises(UserError, match=r'stop_after_minutes=-1.0 must be >= 0'):
+    train.validate_config(tiny_config(stop_after_minutes=-1))
+
+
 def snapshot(directory: Path) -> dict[str, str]:
   return {str(p.relative_to(directory)): hashlib.sha1(p.read_bytes()).hexdigest()
           for p in sorted(directory.rglob('*')) if p.is_file()}

@@ -35,6 +35,43 @@ def test_gaussian_terms_match_scipy_densities():
                              norm.logpdf(x, mean, 0.1).reshape(4, -1).sum(-1), rtol=1e-5)
 
 
+def test_kl_terms_by_hand():
+  """Level 1: log q(z_1 | x) - log p(z_1 | z_2) at the samples; level 2: the closed-form KL."""
+  q1 = models.Gaussian(z=jnp.array([[1.0]]), mean=jnp.array([[0.5]]), logvar=jnp.array([[0.0]]))
+  p1 = models.Gaussian(z=None, mean=jnp.array([[0.0]]), logvar=jnp.array([[np.log(4.0)]]))
+  q2 = models.Gaussian(z=jnp.array([[0.3]]), mean=jnp.array([[1.0]]),
+                       logvar=jnp.array([[np.log(0.25)]]))
+  kl_1, kl_2 = vae.kl_terms([q1, q2], [p1])
+  # log N(1; 0.5, 1) = -0.125 - log(2 pi)/2; log N(1; 0, 4) = -0.125 - log(2)- log(2 pi)/2.
+  np.testing.assert_allclose(kl_1, [np.log(2.0)], rtol=1e-6)
+  # KL(N(1, 1/4) || N(0, 1)) = (1/4 + 1 - 1 - log(1/4)) / 2.
+  np.testing.assert_allclose(kl_2, [(0.25 + 1.0 - 1.0 - np.log(0.25)) / 2], rtol=1e-6)
+
+
+def test_kl_terms_are_unbiased_where_z2_depends_on_z1():
+  """A linear Gaussian chain: q(z_1 | x) = N(m, s^2), q(z_2 | z_1) = N(a z_1, t^2) and
+  p(z_1 | z_2) = N(b z_2, u^2). Then E[log q(z_1 | x) - log p(z_1 | z_2)] = -H(q(z_1 | x))
+  + log(2 pi u^2) / 2 + E[(z_1 - b z_2)^2] / (2 u^2), with z_1 - b z_2 = (1 - ab) z_1 - b t eps.
+  The closed-form KL at the sampled z_2 would be off by a b s^2 / u^2 (here 0.9)."""
+  m, s, a, t, b, u = 0.5, 1.2, 0.8, 0.5, 0.5, 0.8
+  n = 400_000
+  rng = np.random.default_rng(0)
+  z1 = m + s * rng.normal(size=(n, 1))
+  z2 = a * z1 + t * rng.normal(size=(n, 1))
+  full = lambda v: jnp.full((n, 1), v, jnp.float32)
+  q1 = models.Gaussian(jnp.asarray(z1, jnp.float32), full(m), full(2 * np.log(s)))
+  q2 = models.Gaussian(jnp.asarray(z2, jnp.float32), jnp.asarray(a * z1, jnp.float32),
+                       full(2 * np.log(t)))
+  p1 = models.Gaussian(None, jnp.asarray(b * z2, jnp.float32), full(2 * np.log(u)))
+  kl_1, _ = vae.kl_terms([q1, q2], [p1])
+  expected = (-0.5 * np.log(2 * np.pi * np.e * s**2) + 0.5 * np.log(2 * np.pi * u**2)
+              + ((1 - a * b)**2 * (m**2 + s**2) + b**2 * t**2) / (2 * u**2))
+  standard_error = float(np.std(kl_1)) / np.sqrt(n)
+  assert abs(float(np.mean(kl_1)) - expected) < 4 * standard_error, (np.mean(kl_1), expected)
+  biased = float(np.mean(vae.gaussian_kl(q1, p1.mean, p1.logvar)))
+  np.testing.assert_allclose(biased - expected, a * b * s**2 / u**2, atol=0.02)
+
+
 def tiny_config(num_levels):
   config = default_config.get_default_config()
   config.method = 'vae'

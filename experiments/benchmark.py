@@ -1,0 +1,177 @@
+"""How fast the training program runs a config: steps/s, compile times, FLOPs, input pipeline.
+
+  python experiments/benchmark.py --config=configs/mnist.py [--config.batch_size=64 ...]
+      [--output_dir=DIR] [--windows=5] [--window_steps=20] [--pipeline_batches=50]
+
+Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/benchmark.json):
+  * the device, its count, jax and jaxlib versions, the config;
+  * the compile time of every jitted function the training program builds (state initialisation,
+    train step, evaluation, metric accumulation, the semi-supervised test-error count), from
+    a cold start: the persistent compilation cache is off here;
+  * XLA's cost analysis: FLOPs per train step;
+  * the train step on a device-resident batch: steps/s and images/s, the median of --windows
+    timed windows of --window_steps steps after a warm-up, and the achieved FLOP/s as a fraction
+    of a float32 matmul's (2048 x 2048 jnp.dot, measured in this run; also bfloat16 on a GPU);
+  * the input pipeline alone (images/s of the tfds + grain stream, on the host), and the step fed
+    by it (steps/s), beside the device-resident number;
+  * on a GPU, the peak device memory.
+The data comes from --config.data_dir as for training.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import jaxlib
+from ml_collections import config_flags
+
+from hali_jax import input_pipeline
+from hali_jax import methods
+from hali_jax import models
+from hali_jax import step as step_lib
+from hali_jax import train
+from hali_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config, as for hali_jax.main.')
+flags.DEFINE_string('output_dir', None, 'Where benchmark.md and benchmark.json go (optional).')
+flags.DEFINE_integer('windows', 5, 'Timed windows of the train step; the median is reported.')
+flags.DEFINE_integer('window_steps', 20, 'Steps per timed window.')
+flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps before the windows.')
+flags.DEFINE_integer('pipeline_batches', 50, 'Batches read to time the input pipeline.')
+FLAGS = flags.FLAGS
+
+
+def timed(fn):
+  """(result, seconds) of fn() with its outputs ready."""
+  start = time.perf_counter()
+  result = jax.block_until_ready(fn())
+  return result, time.perf_counter() - start
+
+
+def compile_seconds(jitted, *args) -> tuple[object, float]:
+  """(the compiled function, seconds to lower and compile it for `args`)."""
+  return timed(lambda: jitted.lower(*args).compile())
+
+
+def matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
+  """FLOP/s of an n x n jnp.dot: the best of `repeats`."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a, a))
+  return 2 * n**3 / min(timed(lambda: dot(a, a))[1] for _ in range(repeats))
+
+
+def steps_per_second(step_fn, state, batches) -> tuple[object, float]:
+  """(state, median steps/s over the windows), each window fed by `batches()`."""
+  for _ in range(FLAGS.warmup_steps):
+    state, _ = step_fn(state, batches())
+  jax.block_until_ready(state)
+  rates = []
+  for _ in range(FLAGS.windows):
+    start = time.perf_counter()
+    for _ in range(FLAGS.window_steps):
+      state, _ = step_fn(state, batches())
+    jax.block_until_ready(state)
+    rates.append(FLAGS.window_steps / (time.perf_counter() - start))
+  return state, statistics.median(rates)
+
+
+def benchmark(config) -> dict:
+  train.validate_config(config)
+  mesh = train.create_mesh(config)
+  image_shape = input_pipeline.dataset_image_shape(config)
+  model = models.create_model(config.model, image_shape)
+  device = jax.devices()[0]
+  report = dict(device=device.device_kind, platform=device.platform, devices=mesh.size,
+                jax=jax.__version__, jaxlib=jaxlib.__version__, dataset=config.dataset,
+                arch=config.model.arch, num_levels=config.model.num_levels,
+                method=config.method, batch_size=config.batch_size, compile_seconds={})
+  compiles = report['compile_seconds']
+
+  # Compile every function the training program jits, each from a cold start.
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  init = jax.jit(methods.init_fn(config, model, image_shape, tx_g, tx_d),
+                 out_shardings=step_lib.replicated(mesh))
+  init_compiled, compiles['init_state'] = compile_seconds(init)
+  state = init_compiled()
+  stream = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
+  batch = next(stream)
+  train_step = methods.make_train_step(config, model, mesh)
+  step_compiled, compiles['train_step'] = compile_seconds(train_step, state, batch)
+  eval_x = train.eval_images(config, mesh)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  evaluate = train.make_evaluate(model, mesh, config.input.eval_batch_size)
+  _, compiles['evaluate'] = compile_seconds(evaluate, variables, eval_x, jax.random.PRNGKey(0))
+  state, metrics = step_compiled(state, batch)
+  averages = train.metric_averages(metrics)
+  _, compiles['accumulate_metrics'] = compile_seconds(train.accumulate, averages, metrics)
+  test_errors = train.make_test_errors(config, model)
+  if test_errors:
+    _, compiles['test_errors'] = timed(lambda: test_errors(variables))  # Its first call compiles.
+  report['compile_seconds_total'] = sum(compiles.values())
+
+  # The step alone, on a device-resident batch.
+  cost = step_compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  report['gflop_per_step'] = cost['flops'] / 1e9
+  state, rate = steps_per_second(step_compiled, state, lambda: batch)
+  report['steps_per_sec'] = rate
+  report['images_per_sec'] = rate * config.batch_size
+  report['achieved_gflops'] = rate * report['gflop_per_step']
+  report['matmul_peak_gflops_f32'] = matmul_peak(jnp.float32) / 1e9
+  report['fraction_of_f32_matmul_peak'] = report['achieved_gflops'] / report[
+      'matmul_peak_gflops_f32']
+  if device.platform == 'gpu':
+    report['matmul_peak_gflops_bf16'] = matmul_peak(jnp.bfloat16) / 1e9
+
+  # The input pipeline alone (host numpy batches), then feeding the step.
+  host_stream = iter(input_pipeline.train_dataset(config, jax.process_index(),
+                                                  jax.process_count()))
+  next(host_stream)
+  _, seconds = timed(lambda: [next(host_stream) for _ in range(FLAGS.pipeline_batches)])
+  report['pipeline_images_per_sec'] = FLAGS.pipeline_batches * config.batch_size / seconds
+  state, report['steps_per_sec_with_pipeline'] = steps_per_second(
+      step_compiled, state, lambda: next(stream))
+  stream.close()
+  stats = device.memory_stats() if device.platform == 'gpu' else None
+  if stats and 'peak_bytes_in_use' in stats:
+    report['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
+  return report
+
+
+def markdown(report: dict) -> str:
+  rows = [(key, value) for key, value in report.items() if key != 'compile_seconds']
+  rows += [(f'compile_seconds.{k}', v) for k, v in report['compile_seconds'].items()]
+  cell = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+  return '\n'.join(['| measure | value |', '|---|---|'] +
+                   [f'| {k} | {cell(v)} |' for k, v in rows]) + '\n'
+
+
+def main(argv):
+  del argv
+  jax.config.update('jax_enable_compilation_cache', False)  # Compile times from a cold start.
+  try:
+    report = benchmark(_CONFIG.value)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  report['command'] = ' '.join(['python', 'experiments/benchmark.py'] + sys.argv[1:])
+  table = markdown(report)
+  print(table)
+  if FLAGS.output_dir:
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.output_dir, 'benchmark.md'), 'w') as f:
+      f.write(table)
+    with open(os.path.join(FLAGS.output_dir, 'benchmark.json'), 'w') as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
