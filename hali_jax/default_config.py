@@ -7,6 +7,8 @@ log_every_steps, eval_every_steps, checkpoint_every_steps, seed.
 
 import ml_collections
 
+from hali_jax.errors import UserError
+
 
 def get_default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -36,7 +38,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Initial log-variance of every Gaussian kernel (the bias of its log-variance head).
   c.model.logvar_init = 0.0
   c.model.input_noise_std = 0.2  # Gaussian noise on the inputs of the encoder and discriminator.
-  c.model.dropout = True  # Discriminator dropout at Table 4's rates.
+  c.model.dropout = True  # Discriminator dropout (off: none at all).
+  # Its rates: 'table' (Table 4's dropout column) or 'text' (sec. 4: "dropout every 3 layers with
+  # a probability of retention of 0.2", read as 0.8 on every third layer's input).
+  c.model.dropout_rates = 'table'
   c.model.leaky_slope = 0.2
 
   # --- Optimisation (hali_jax/train.py) -------------------------------------------------------
@@ -84,3 +89,95 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 5_000
   c.checkpoint_max_to_keep = 3
   return c
+
+
+# --------------------------------------------------------------------------------------------
+# What a valid value of each field is, checked before anything is compiled (`validate`).
+# Choices that live with their code (datasets, splits, architectures, methods) are checked there.
+# --------------------------------------------------------------------------------------------
+
+
+def _number(kind, low=None, high=None, low_open=False, high_open=False):
+  """(check, description) for a number of `kind` in a range."""
+  names = {int: 'an integer', float: 'a number'}
+  bounds = []
+  if low is not None:
+    bounds.append(f'{">" if low_open else ">="} {low}')
+  if high is not None:
+    bounds.append(f'{"<" if high_open else "<="} {high}')
+
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, (int,) if kind is int else (int, float)):
+      return False
+    return ((low is None or (v > low if low_open else v >= low))
+            and (high is None or (v < high if high_open else v <= high)))
+
+  return check, ' '.join([names[kind]] + (['that is ' + ' and '.join(bounds)] if bounds else []))
+
+
+def _of_type(kind, what):
+  return (lambda v: isinstance(v, kind)), what
+
+
+def _one_of(*choices):
+  return (lambda v: v in choices), 'one of ' + ', '.join(map(repr, choices))
+
+
+_POSITIVE_INT = _number(int, 1)
+FIELD_RULES = {
+    'data_dir': ((lambda v: v is None or isinstance(v, str)), 'a directory, or None'),
+    'download': _of_type(bool, 'True or False'),
+    'image_size': _POSITIVE_INT,
+    'input.train_split': _of_type(str, 'a split name'),
+    'input.eval_split': _of_type(str, 'a split name'),
+    'input.crop_size': _number(int, 0),
+    'input.worker_count': _number(int, 0),
+    'input.prefetch': _POSITIVE_INT,
+    'input.eval_batch_size': _POSITIVE_INT,
+    'model.num_levels': _POSITIVE_INT,
+    'model.width': _number(float, 0, low_open=True),
+    'model.z_channels': _POSITIVE_INT,
+    'model.z_dim': _POSITIVE_INT,
+    'model.logvar_init': _number(float),
+    'model.input_noise_std': _number(float, 0),
+    'model.dropout': _of_type(bool, 'True or False'),
+    'model.dropout_rates': _one_of('table', 'text'),
+    'model.leaky_slope': _number(float, 0, 1),
+    'optim.learning_rate': _number(float, 0, low_open=True),
+    'optim.b1': _number(float, 0, 1, high_open=True),
+    'optim.b2': _number(float, 0, 1, high_open=True),
+    'optim.update_order': _one_of('simultaneous', 'sequential'),
+    'semisup.enabled': _of_type(bool, 'True or False'),
+    'semisup.labels_per_class': _POSITIVE_INT,
+    'semisup.label_seed': _number(int, 0),
+    'semisup.weight': _number(float, 0),
+    'semisup.level': ((lambda v: _POSITIVE_INT[0](v) or v == -1), 'a level 1..L, or -1 (the top)'),
+    'semisup.batch_size': _POSITIVE_INT,
+    'semisup.eval_batch_size': _POSITIVE_INT,
+    'vae.x_std': _number(float, 0, low_open=True),
+    'batch_size': _POSITIVE_INT,
+    'num_train_steps': _POSITIVE_INT,
+    'stop_after_minutes': _number(float, 0),
+    'seed': _number(int, 0, 2**32 - 1),
+    'log_every_steps': _POSITIVE_INT,
+    'eval_every_steps': _POSITIVE_INT,
+    'checkpoint_every_steps': _POSITIVE_INT,
+    'checkpoint_max_to_keep': _POSITIVE_INT,
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """UserError naming the first field whose value is not valid, with the default as an example."""
+  defaults = get_default_config()
+  for name, (check, what) in FIELD_RULES.items():
+    path = name.split('.')
+    value, default = config, defaults
+    try:
+      for key in path:
+        value, default = value[key], default[key]
+    except KeyError:
+      raise UserError(f'The config has no field {name}; every config needs it (see '
+                      'hali_jax/default_config.py).') from None
+    if not check(value):
+      raise UserError(f'config.{name}={value!r} is not valid: it must be {what} (the default '
+                      f'is --config.{name}={default!r}).')

@@ -30,7 +30,14 @@ from hali_jax.errors import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Conv:
-  """Convolution; `dropout` is applied to the layer's input (ALI's convention), then conv, norm, act."""
+  """Convolution; `dropout` is applied to the layer's input (ALI's convention), then conv, norm, act.
+
+  `dropout` is the probability of dropping a unit. The discriminators follow Table 4's dropout
+  column (0.2 or 0.5 on every layer's input). The text of sec. 4 says otherwise ("dropout every 3
+  layers with a probability of retention of 0.2"): `build_architecture(dropout_rates='text')`
+  reads it as a drop probability of 0.8 on the input of every third discriminator layer, counting
+  from the first, and none elsewhere.
+  """
   features: int
   kernel: int = 3
   stride: int = 1
@@ -127,9 +134,12 @@ def _halving_sides(side: int, target: int) -> list[int]:
   return sides
 
 
+DROPOUT_RATES = ('table', 'text')
+
+
 def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,
-                       z_channels: int = 64, z_dim: int = 256,
-                       logvar_init: float = 0.0) -> Architecture:
+                       z_channels: int = 64, z_dim: int = 256, logvar_init: float = 0.0,
+                       dropout_rates: str = 'table') -> Architecture:
   """Every network's layers for architecture `arch` at depth `num_levels`.
 
   With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
@@ -152,12 +162,15 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
       (one stride-2 stage down, one upsampling stage up, one stride-2 discriminator stage).
     * Depth 1 is ALI: x -> z_1 (a vector) through the level-1 and level-2 networks composed.
   `width` multiplies every hidden width (not the latents, not the image channels).
-  `logvar_init` is the initial log-variance of every Gaussian layer.
+  `logvar_init` is the initial log-variance of every Gaussian layer. `dropout_rates`: the
+  discriminator's dropout, 'table' (Table 4's column) or 'text' (sec. 4's sentence; see `Conv`).
   """
   if arch not in ARCHITECTURES:
     raise UserError(f'Unknown model.arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.')
   if num_levels < 1:
     raise UserError(f'model.num_levels must be >= 1 (1 is ALI), got {num_levels}.')
+  if dropout_rates not in DROPOUT_RATES:
+    raise UserError(f'model.dropout_rates={dropout_rates!r}: choose one of {DROPOUT_RATES}.')
   x_side, z1_side = ARCHITECTURES[arch]
   spatial_sides = [z1_side // 2**l for l in range(num_levels - 1)]
   if spatial_sides and spatial_sides[-1] < 4:
@@ -172,7 +185,20 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
   stages = family(w, x_side, down_x, image_channels)
   architecture = _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides,
                            z_channels, z_dim)
+  if dropout_rates == 'text':
+    architecture = _text_dropout(architecture)
   return dataclasses.replace(architecture, logvar_init=logvar_init)
+
+
+def _text_dropout(a: Architecture) -> Architecture:
+  """Sec. 4's reading of the discriminator's dropout: 0.8 on every third layer's input."""
+  layers = [l for stage in a.disc_stages for l in stage] + list(a.disc_joint) + [a.disc_logit]
+  rates = iter([0.8 if i % 3 == 0 else 0.0 for i in range(len(layers))])
+  redo = lambda stage: tuple(dataclasses.replace(l, dropout=next(rates)) for l in stage)
+  stages = tuple(redo(stage) for stage in a.disc_stages)
+  joint = redo(a.disc_joint)
+  logit, = redo((a.disc_logit,))
+  return dataclasses.replace(a, disc_stages=stages, disc_joint=joint, disc_logit=logit)
 
 
 def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
@@ -207,7 +233,8 @@ def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _
     stages = [lambda s: (Upsample(s), Res(w(256))),
               lambda s: (Upsample(s), Conv(w(256), norm='bn'), Conv(w(128), norm='bn')),
               lambda s: (Upsample(s), lrelu_conv_before_gaussian())][3 - len(ups):]
-    layers = [Conv(w(4 * 4 * 256), kernel=1, norm='bn'), ToGrid(4)]
+    # 16 positions of w(256) channels, so that any width reshapes to the 4x4 grid.
+    layers = [Conv(4 * 4 * w(256), kernel=1, norm='bn'), ToGrid(4)]
     for stage, s in zip(stages, ups):
       layers += stage(s)
     if not ups:
@@ -260,7 +287,7 @@ def _lean_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Sta
 
   def dec_from_vector(side):
     ups = _halving_sides(side, 4)[::-1][1:]
-    layers = [Conv(w(4 * 4 * 128), kernel=1, norm='bn'), ToGrid(4)]
+    layers = [Conv(4 * 4 * w(128), kernel=1, norm='bn'), ToGrid(4)]
     for i, s in enumerate(ups):
       layers += [Upsample(s), Conv(w(64 // 2**i), norm='bn')]
     return tuple(layers)
@@ -522,7 +549,10 @@ class HALI(nn.Module):
 
     Encoder joint: z_hat_0 = x, z_hat_l ~ q(z_l | z_hat_{l-1}). Decoder joint: z_L ~ p(z) = N(0, I),
     z_{l-1} ~ p(z_{l-1} | z_l), down to x. D sees both, with input noise on every input (sec. 4: also on
-    the encoder's input) and dropout through the 'dropout' rng. Returns a dict with the logits
+    the encoder's input) and dropout through the 'dropout' rng. The encoder's batch-norm running
+    statistics are therefore those of the noisy inputs x + sigma * eps it trains on; evaluation
+    (hali_jax/analysis.py) encodes clean x with them, since the paper adds the noise at training
+    as a regulariser, like dropout (tests/test_step.py pins this). Returns a dict with the logits
     rho_q (encoder side, 'real' for D) and rho_p (decoder side), and both joints.
     """
     L = self.arch.num_levels
@@ -548,7 +578,7 @@ def create_model(model_config, image_shape: Sequence[int]) -> HALI:
   """The HALI module for `config.model` and the dataset's (H, W, C) after preprocessing."""
   arch = build_architecture(model_config.arch, model_config.num_levels, image_shape[-1],
                             model_config.width, model_config.z_channels, model_config.z_dim,
-                            model_config.logvar_init)
+                            model_config.logvar_init, model_config.dropout_rates)
   if tuple(image_shape) != arch.image_shape:
     raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'
                     f'{arch.image_shape[1]} images but the data is {image_shape[0]}x{image_shape[1]}:'

@@ -100,8 +100,7 @@ def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx
                seed: int) -> step.TrainState:
   """`step.init_state` with the classifier's params among the generator's, and in opt_state_g."""
   state = step.init_state(model, image_shape, tx_g, tx_d, seed)
-  # step.init_state draws from split(PRNGKey(seed)), i.e. fold_in indices 0 and 1; 2 is free.
-  key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
+  key = step.run_keys(seed)['classifier_init']
   zs = [jnp.zeros((1,) + shape) for shape in model.arch.latent_shapes]
   params = {**state.params, CLASSIFIER: classifier.init(key, zs)['params']}
   g_params, _ = step.split_params(params)

@@ -84,18 +84,30 @@ def make_optimizers(config: ml_collections.ConfigDict):
   return adam(), adam()
 
 
+# Every purpose a run draws randomness for outside its steps gets its own key from the seed, so
+# that no two purposes ever share one: 'init' (parameters), 'train' (TrainState.rng, whose
+# fold_in(rng, step) are the steps' keys), 'classifier_init' (semi-supervised head),
+# 'eval_samples' (the prior draws of the evaluation's sample grids).
+RUN_KEY_NAMES = ('init', 'train', 'classifier_init', 'eval_samples')
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+  return dict(zip(RUN_KEY_NAMES, jax.random.split(jax.random.PRNGKey(seed), len(RUN_KEY_NAMES))))
+
+
 def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int) -> TrainState:
   """A fresh state (pure: jit it with out_shardings, or eval_shape it for restoring)."""
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  keys = run_keys(seed)
   x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-  keys = models.split_keys(jax.random.fold_in(init_key, 1), model.arch.num_levels)
-  variables = model.init({'params': init_key}, x, keys, train=False)
+  # Tracing Algorithm 1's pass needs keys of every purpose; these draw nothing that is kept.
+  pass_keys = models.split_keys(keys['init'], model.arch.num_levels)
+  variables = model.init({'params': keys['init']}, x, pass_keys, train=False)
   params = flax.core.unfreeze(variables['params'])
   g_params, d_params = split_params(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=flax.core.unfreeze(variables.get('batch_stats', {})),
                     opt_state_g=tx_g.init(g_params), opt_state_d=tx_d.init(d_params),
-                    rng=train_key)
+                    rng=keys['train'])
 
 
 def initialize(init: Callable[[], TrainState], mesh) -> TrainState:

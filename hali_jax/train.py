@@ -29,6 +29,7 @@ import numpy as np
 
 from hali_jax import analysis
 from hali_jax import checkpoint
+from hali_jax import default_config
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
@@ -41,19 +42,11 @@ from hali_jax.errors import UserError
 # Config.
 # --------------------------------------------------------------------------------------------
 
-POSITIVE_FIELDS = ('batch_size', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-                   'checkpoint_every_steps', 'checkpoint_max_to_keep', 'input.eval_batch_size')
-
-
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """The checks that need neither data nor devices, so that a bad value fails in seconds."""
-  for name in POSITIVE_FIELDS:
-    value = functools.reduce(getattr, name.split('.'), config)
-    if value <= 0:
-      raise UserError(f'config.{name}={value} must be positive (--config.{name}=N).')
-  if config.stop_after_minutes < 0:
-    raise UserError(f'config.stop_after_minutes={config.stop_after_minutes} must be >= 0 '
-                    '(0: no time limit).')
+  """The checks that need neither data nor devices, so that a bad value fails in seconds: every
+  field's type and range (default_config.FIELD_RULES) and the method. The dataset and the
+  architecture are checked next, by `train_and_evaluate`, still before any compilation."""
+  default_config.validate(config)
   methods.validate(config)
 
 
@@ -283,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     test_errors = make_test_errors(config, model)
     evaluate = make_evaluate(model, mesh, config.input.eval_batch_size)
     # Fixed prior draws: the sample grids of successive evaluations show the same z.
-    sample_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
+    sample_key = step_lib.run_keys(config.seed)['eval_samples']
     progress = writers.Progress(start_step, config.num_train_steps)
     out_of_time = time_limit(config.stop_after_minutes, config.log_every_steps)
     averages = None

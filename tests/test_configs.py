@@ -76,6 +76,36 @@ def test_options(name):
     get_config(name, 'tiny,huge')
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('optim.update_order', 'both', "optim.update_order='both' is not valid: it must be one of "
+     "'simultaneous', 'sequential' (the default is --config.optim.update_order='simultaneous')"),
+    ('optim.learning_rate', -1e-4, 'optim.learning_rate=-0.0001 is not valid: it must be a number '
+     'that is > 0 (the default is --config.optim.learning_rate=0.0001)'),
+    ('optim.b1', 1.0, 'it must be a number that is >= 0 and < 1'),
+    ('batch_size', 0, 'batch_size=0 is not valid: it must be an integer that is >= 1'),
+    ('batch_size', 8.5, 'batch_size=8.5 is not valid'),
+    ('input.eval_batch_size', -2, 'input.eval_batch_size=-2 is not valid'),
+    ('input.prefetch', 0, 'input.prefetch=0 is not valid'),
+    ('model.width', 0.0, 'model.width=0.0 is not valid: it must be a number that is > 0'),
+    ('model.num_levels', 0, 'model.num_levels=0 is not valid'),
+    ('model.dropout_rates', 'paper', "it must be one of 'table', 'text'"),
+    ('model.leaky_slope', 1.5, 'model.leaky_slope=1.5 is not valid'),
+    ('semisup.level', 0, 'a level 1..L, or -1 (the top)'),
+    ('vae.x_std', 0.0, 'vae.x_std=0.0 is not valid'),
+    ('seed', -1, 'seed=-1 is not valid'),
+    ('checkpoint_max_to_keep', 0, 'checkpoint_max_to_keep=0 is not valid'),
+    ('download', 1, 'download=1 is not valid: it must be True or False'),
+])
+def test_every_field_is_checked(field, value, message):
+  config = get_config('mnist', 'tiny')
+  section, _, name = field.rpartition('.')
+  target = config[section] if section else config
+  target._fields[name] = value  # Past ConfigDict's own type conversion, as a program may write.
+  with pytest.raises(UserError) as error:
+    train.validate_config(config)
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
 def test_command_line_overrides_any_field():
   argv = ['main', '--config=configs/celeba.py:64,tiny', '--config.data_dir=/data',
           '--config.model.num_levels=3', '--config.input.crop_size=120', '--config.download=True']

@@ -1,5 +1,7 @@
 """Architectures (Table 4), shapes at every level, the Gaussian layer, and model errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,6 +91,35 @@ def test_shapes_at_every_level(arch, num_levels):
   assert out['logits_q'].shape == out['logits_p'].shape == (4,)
 
 
+@pytest.mark.parametrize('arch', ['28', '28-lean', '32'])
+def test_any_width_builds(arch):
+  """round(4 * 4 * 256 * 0.3) is not a multiple of 16: the grid's channels are rounded instead."""
+  side = models.ARCHITECTURES[arch][0]
+  a = models.build_architecture(arch, 2, 1, width=0.3, z_channels=4, z_dim=8)
+  model = models.HALI(a)
+  x = jnp.zeros((2, side, side, 1))
+  keys = models.split_keys(jax.random.key(0), 2)
+  variables = jax.eval_shape(lambda: model.init({'params': jax.random.key(1)}, x, keys))
+  out = jax.eval_shape(lambda v: model.apply(v, x, keys, rngs={'dropout': keys['dropout']},
+                                             mutable=['batch_stats'])[0], variables)
+  assert out['p_joint'][0].shape == (2, side, side, 1)
+
+
+def test_dropout_rates_table_or_text():
+  table = models.build_architecture('128', 2, 3)
+  text = models.build_architecture('128', 2, 3, dropout_rates='text')
+  d_layers = lambda a: [l for s in a.disc_stages for l in s] + list(a.disc_joint) + [a.disc_logit]
+  assert [l.dropout for l in d_layers(table)] == (
+      [l.dropout for l in TABLE_4['d_x'] + TABLE_4['d_x_z1'] + TABLE_4['d_x_z1_z2']] + [0.5])
+  # Sec. 4: retention 0.2 (drop 0.8) every third layer; everything else unchanged.
+  assert [l.dropout for l in d_layers(text)] == [0.8, 0, 0] * 4
+  assert [dataclasses.replace(l, dropout=0) for l in d_layers(text)] == [
+      dataclasses.replace(l, dropout=0) for l in d_layers(table)]
+  assert text.encoder == table.encoder and text.decoder == table.decoder
+  with pytest.raises(UserError, match='dropout_rates'):
+    models.build_architecture('128', 2, 3, dropout_rates='paper')
+
+
 def test_lean_mnist_keeps_the_papers_ingredients():
   a = models.build_architecture('28-lean', 2, image_channels=1, z_channels=16, z_dim=64)
   layers = [l for net in a.encoder + a.decoder + a.disc_stages for l in net] + list(a.disc_joint)
@@ -111,8 +142,8 @@ def test_depth_and_size_errors():
   with pytest.raises(UserError, match='Unknown model.arch'):
     models.build_architecture('96', 2, 3)
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
-                              logvar_init=0.0, leaky_slope=0.2, input_noise_std=0.2,
-                              dropout=True))
+                              logvar_init=0.0, dropout_rates='table', leaky_slope=0.2,
+                              input_noise_std=0.2, dropout=True))
   with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
     models.create_model(config, (28, 28, 1))
 

@@ -155,3 +155,39 @@ def test_sharded_over_8_devices_equals_unsharded():
                         capture_output=True, text=True, timeout=600)
   assert 'SHARDED_OK' in proc.stdout, proc.stdout + proc.stderr[-4000:]
   assert 'multiple of the number of devices (8)' in proc.stdout
+
+
+def test_every_purpose_has_its_own_key(two_level):
+  """The run's keys (init, train, semi-supervised head, evaluation samples) and the first steps'
+  keys are all distinct; the state's base key is the 'train' key."""
+  _, _, state, _ = two_level
+  data = lambda key: tuple(np.asarray(jax.random.key_data(key)).ravel())
+  run = step_lib.run_keys(0)
+  assert data(state.rng) == data(run['train'])
+  keys = list(run.values())
+  for step in range(3):
+    keys.append(jax.random.fold_in(run['train'], step))
+    keys += list(models.split_keys(keys[-1], 2).values())
+  assert len({data(k) for k in keys}) == len(keys)
+
+
+def test_encoder_batch_statistics_come_from_its_noisy_inputs(two_level):
+  """Decided (models.HALI): the encoder's running batch-norm statistics are those of the inputs
+  it trains on, x + sigma * eps (sec. 4), and evaluation encodes clean x with them."""
+  mesh, model, state0, train_step = two_level
+  batch = batches(1)[0]
+  keys = models.split_keys(jax.random.fold_in(state0.rng, state0.step), 2)
+  x = jnp.asarray(batch['image'])
+  noisy = x + model.input_noise_std * jax.random.normal(keys['encoder_noise'], x.shape)
+  encoder_keys = [keys['encoder_1'], keys['encoder_2']]
+  variables = {'params': state0.params, 'batch_stats': state0.batch_stats}
+  stats = jax.jit(lambda v, x: model.apply(
+      v, x, encoder_keys, method=lambda m, x, k: m.encoder(x, k, train=True),
+      mutable=['batch_stats'])[1]['batch_stats']['encoder'])
+  state1, _ = train_step(copy(state0), step_lib.put_batch(batch, mesh))
+  expected, clean = stats(variables, noisy), stats(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               state1.batch_stats['encoder'], expected)
+  assert not all(jax.tree.leaves(jax.tree.map(
+      lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6), state1.batch_stats['encoder'],
+      clean)))

@@ -177,7 +177,8 @@ def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
     state = train.train_and_evaluate(tiny_config(stop_after_minutes=1e-9), str(tmp_path))
   assert int(state.step) == 1
   check_outputs(tmp_path, steps=[1], eval_steps=[1], side=28, levels=2)
-  with pytest.raises(UserError, match=r'stop_after_minutes=-1.0 must be >= 0'):
+  with pytest.raises(UserError, match=r'stop_after_minutes=-1.0 is not valid: it must be a '
+                     r'number that is >= 0'):
     train.validate_config(tiny_config(stop_after_minutes=-1))
 
 
