@@ -81,6 +81,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # num_train_steps is not reached first; 0: no limit. A wall-clock budget: where the run stops
   # then depends on the machine's speed.
   c.stop_after_minutes = 0.0
+  # Divergence guard: a step whose losses or gradients are not finite is skipped (its update is
+  # not applied); after this many skipped steps in a row the run stops with an error. Checked at
+  # log steps.
+  c.max_consecutive_skips = 20
   c.seed = 0
 
   # --- Logging, evaluation, checkpoints -------------------------------------------------------
@@ -158,6 +162,7 @@ FIELD_RULES = {
     'batch_size': _POSITIVE_INT,
     'num_train_steps': _POSITIVE_INT,
     'stop_after_minutes': _number(float, 0),
+    'max_consecutive_skips': _POSITIVE_INT,
     'seed': _number(int, 0, 2**32 - 1),
     'log_every_steps': _POSITIVE_INT,
     'eval_every_steps': _POSITIVE_INT,

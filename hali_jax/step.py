@@ -184,9 +184,20 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
                  grad_norm_discriminator=optax.tree.norm(grads_d),
                  **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads_g.items()},
                  **term_metrics)
-  state = state.replace(step=state.step + 1, params={**new_g_params, DISCRIMINATOR: new_d_params},
-                        batch_stats=batch_stats, opt_state_g=opt_state_g, opt_state_d=opt_state_d)
-  return state, metrics
+  new_state = state.replace(params={**new_g_params, DISCRIMINATOR: new_d_params},
+                            batch_stats=batch_stats, opt_state_g=opt_state_g,
+                            opt_state_d=opt_state_d)
+  return guard(state, new_state, metrics)
+
+
+def guard(state: TrainState, new_state: TrainState, metrics: dict) -> tuple[TrainState, dict]:
+  """The divergence guard: `new_state` if the step's losses and gradient norms are all finite,
+  else `state` unchanged; the step counter advances either way (the next step draws new keys and
+  a new batch). metrics['skipped'] is 1 for a skipped step, 0 otherwise."""
+  checked = [v for k, v in metrics.items() if k.startswith(('loss', 'grad_norm'))]
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]))
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return kept.replace(step=state.step + 1), {**metrics, 'skipped': 1.0 - finite.astype(jnp.float32)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -184,6 +184,36 @@ def accumulate(averages: clu_metrics.Collection,
 
 
 # --------------------------------------------------------------------------------------------
+# Divergence: steps with non-finite losses or gradients are skipped by the step itself
+# (step.guard); the loop counts them and gives up after config.max_consecutive_skips in a row.
+# --------------------------------------------------------------------------------------------
+
+
+@jax.jit
+def count_skips(in_a_row: jax.Array, skipped: jax.Array) -> jax.Array:
+  """Skipped steps in a row, on the device (read at log steps only, so the loop never waits)."""
+  return jnp.where(skipped > 0, in_a_row + 1, 0)
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def check_divergence(config, workdir: str, step: int, skips_in_a_row: int,
+                     last_checkpoint: int | None) -> None:
+  """UserError once config.max_consecutive_skips steps in a row were skipped."""
+  if skips_in_a_row < config.max_consecutive_skips:
+    return
+  where = (f'the last good checkpoint is step {last_checkpoint} in {workdir}'
+           if last_checkpoint is not None else 'no checkpoint was written before it')
+  raise UserError(f'Training diverged: steps {step - skips_in_a_row + 1} to {step} all had '
+                  f'non-finite losses or gradients and were skipped (config.max_consecutive_skips='
+                  f'{config.max_consecutive_skips}); {where}. Lower --config.optim.learning_rate '
+                  'and run again to resume from it.')
+
+
+# --------------------------------------------------------------------------------------------
 # Evaluation: per-level reconstruction errors and image grids on the fixed batch.
 # --------------------------------------------------------------------------------------------
 
@@ -280,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     progress = writers.Progress(start_step, config.num_train_steps)
     out_of_time = time_limit(config.stop_after_minutes, config.log_every_steps)
     averages = None
+    skips_in_a_row = jnp.zeros((), jnp.int32)
 
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -287,6 +318,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       if averages is None:
         averages = metric_averages(step_metrics)
       averages = accumulate(averages, step_metrics)
+      skips_in_a_row = count_skips(skips_in_a_row, step_metrics['skipped'])
       # The time limit ends a run as its last step would: logged, evaluated, saved.
       last = step == config.num_train_steps or out_of_time(step)
 
@@ -296,6 +328,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         writer.write_scalars(step, {**{f'train/{k}': v for k, v in scalars.items()},
                                     'train/steps_per_sec': steps_per_sec})
         averages = averages.empty()
+        if scalars['skipped'] > 0:
+          logging.warning('Step %d: %.0f%% of the steps since the last report had non-finite '
+                          'losses or gradients and were skipped.', step,
+                          100 * scalars['skipped'])
+        check_divergence(config, workdir, step, int(skips_in_a_row), manager.latest_step())
 
       if step % config.eval_every_steps == 0 or last:
         variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -310,6 +347,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
       stop = stop_requested(step)
       if step % config.checkpoint_every_steps == 0 or last or stop:
+        if not all_finite(state):  # step.guard keeps the state finite; never save one that is not.
+          raise UserError(f'The state at step {step} holds non-finite values; it was not saved. '
+                          f'The last checkpoint is step {manager.latest_step()} in {workdir}.')
         checkpoint.save(manager, step, state, train_iter.get_state())
       if stop:
         logging.warning('Stopped at step %d; run again with the same --workdir to resume.', step)

@@ -107,10 +107,9 @@ def vae_train_step(state: step.TrainState, batch: dict, *, model: models.HALI, t
   new_g_params = optax.apply_updates(g_params, updates)
   metrics = dict(loss=loss, **terms,
                  **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads.items()})
-  state = state.replace(step=state.step + 1,
-                        params={**new_g_params, step.DISCRIMINATOR: d_params},
-                        batch_stats=batch_stats, opt_state_g=opt_state_g)
-  return state, metrics
+  new_state = state.replace(params={**new_g_params, step.DISCRIMINATOR: d_params},
+                            batch_stats=batch_stats, opt_state_g=opt_state_g)
+  return step.guard(state, new_state, metrics)
 
 
 def make_sharded_vae_step(model: models.HALI, tx_g, mesh, x_std: float) -> Callable:

@@ -50,6 +50,62 @@ def test_arch_128_is_table_4():
     assert got[name] == rows, name
 
 
+def table_params(rows, channels_in):
+  """The parameter shapes a Stack of `rows` must hold, by Flax's module names, from the rows alone."""
+  params, counts, c = {}, {}, channels_in
+
+  def add(kind, value):
+    name = f'{kind}_{counts.get(kind, 0)}'
+    counts[kind] = counts.get(kind, 0) + 1
+    params[name] = value
+
+  for row in rows:
+    if isinstance(row, Conv):
+      add('Conv', {'kernel': (row.kernel, row.kernel, c, row.features),
+                   **({} if row.norm == 'bn' else {'bias': (row.features,)})})
+      if row.norm == 'bn':
+        add('BatchNorm', {'scale': (row.features,), 'bias': (row.features,)})
+      if row.norm == 'wn':
+        add('WeightNorm', {f'Conv_{counts["Conv"] - 1}/kernel/scale': (row.features,)})
+      c = row.features
+    elif isinstance(row, Res):
+      assert c == row.features  # Table 4's blocks keep their width: no projection.
+      bn = {'scale': (c,), 'bias': (c,)}
+      add('ResBlock', {'Conv_0': {'kernel': (3, 3, c, c)}, 'Conv_1': {'kernel': (3, 3, c, c)},
+                       'BatchNorm_0': bn, 'BatchNorm_1': bn})
+    elif isinstance(row, ToGrid):
+      c //= row.side * row.side
+  return params
+
+
+def test_modules_built_hold_table_4s_parameters():
+  """The parameter shapes of the networks actually built, against the transcribed table."""
+  model = models.HALI(models.build_architecture('128', 2, image_channels=3))
+  x = jnp.zeros((2, 128, 128, 3))
+  keys = models.split_keys(jax.random.key(0), 2)
+  params = jax.eval_shape(lambda: model.init({'params': jax.random.key(1)}, x, keys))['params']
+  shapes = jax.tree.map(lambda a: a.shape, params)
+  built = {  # Table section -> (the module's parameters, its input channels).
+      'encoder_z1_given_x': (shapes['encoder']['levels_0']['body'], 3),
+      'encoder_z2_given_z1': (shapes['encoder']['levels_1']['body'], 64),
+      'decoder_z1_given_z2': (shapes['decoder']['levels_0']['body'], 256),
+      'decoder_x_given_z1': (shapes['decoder']['to_image'], 64),
+      'd_x': (shapes['discriminator']['stage_0'], 3),
+      'd_x_z1': (shapes['discriminator']['stage_1'], 64 + 64),  # D(x) and z_1, concatenated.
+      'd_x_z1_z2': (shapes['discriminator']['joint'], 512 + 256),  # D(x, z_1) and z_2.
+      'd_logit': (shapes['discriminator']['logit'], 1024),
+  }
+  for name, (module, channels_in) in built.items():
+    rows = TABLE_4[name] if name != 'd_logit' else (TABLE_4[name],)
+    assert module == table_params(rows, channels_in), name
+  # Gaussian layers: 1x1 mean and log-variance heads onto z_1 (64 maps) and z_2 (256).
+  for kernel, width_in, width_out in ((shapes['encoder']['levels_0'], 128, 64),
+                                      (shapes['encoder']['levels_1'], 512, 256),
+                                      (shapes['decoder']['levels_0'], 128, 64)):
+    for head in ('mean', 'logvar'):
+      assert kernel['gaussian'][head]['kernel'] == (1, 1, width_in, width_out)
+
+
 def test_fewer_downsamplings_keep_table_4_pattern():
   a = models.build_architecture('32', 2, image_channels=3)
   # One fewer halving from x: the second stride-2 convolution becomes stride 1.
@@ -169,3 +225,41 @@ def test_step_keys_are_distinct_per_purpose_and_step():
   assert len(data) == 3 * len(models.key_names(3))
   assert set(models.key_names(3)) >= {'prior', 'encoder_1', 'encoder_3', 'decoder_2', 'dropout',
                                       'encoder_noise', 'discriminator_noise'}
+
+
+def test_input_noise_and_dropout_exactly_where_the_paper_puts_them():
+  """Sec. 4: Gaussian noise (sigma 0.2) on the inputs of the discriminator (x and every z) and of
+  the encoder; dropout in the discriminator only. Each key is varied alone."""
+  a = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1), minval=-1, maxval=1)
+  keys = models.split_keys(jax.random.key(1), 2)
+  model = models.HALI(a)
+  variables = model.init({'params': jax.random.key(2)}, x, keys)
+
+  def run(model, **changed):
+    k = {**keys, **{name: jax.random.key(7) for name in changed}}
+    dropout = k.pop('dropout_rng', keys['dropout'])
+    out, _ = model.apply(variables, x, k, rngs={'dropout': dropout}, mutable=['batch_stats'])
+    return out
+
+  same = lambda a, b: all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a),
+                                                                jax.tree.leaves(b)))
+  base = run(model)
+  # The encoder reads a noisy x; the decoder's joint knows nothing of either noise.
+  enc_noise = run(model, encoder_noise=True)
+  assert not same(base['q_levels'], enc_noise['q_levels'])
+  assert same(base['p_joint'], enc_noise['p_joint'])
+  np.testing.assert_array_equal(enc_noise['q_joint'][0], x)  # D is given x, noised inside D.
+  # D's inputs are noisy: its logits move with the noise key alone, on both joints.
+  d_noise = run(models.HALI(a, use_dropout=False), discriminator_noise=True)
+  no_dropout = run(models.HALI(a, use_dropout=False))
+  assert not np.allclose(d_noise['logits_q'], no_dropout['logits_q'])
+  assert not np.allclose(d_noise['logits_p'], no_dropout['logits_p'])
+  assert same(d_noise['q_levels'], no_dropout['q_levels'])
+  # Dropout: in D only.
+  drop = run(model, dropout_rng=True)
+  assert not np.allclose(drop['logits_q'], base['logits_q'])
+  assert same(drop['q_levels'], base['q_levels']) and same(drop['p_joint'], base['p_joint'])
+  # Without noise, neither noise key matters.
+  quiet = models.HALI(a, input_noise_std=0.0, use_dropout=False)
+  assert same(run(quiet), run(quiet, encoder_noise=True, discriminator_noise=True))

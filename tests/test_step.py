@@ -9,6 +9,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from hali_jax import default_config
@@ -191,3 +192,100 @@ def test_encoder_batch_statistics_come_from_its_noisy_inputs(two_level):
   assert not all(jax.tree.leaves(jax.tree.map(
       lambda a, b: np.allclose(a, b, rtol=1e-4, atol=1e-6), state1.batch_stats['encoder'],
       clean)))
+
+
+# --------------------------------------------------------------------------------------------
+# The update itself: which loss each side descends, and in which order.
+# --------------------------------------------------------------------------------------------
+
+LR = 1e-2
+
+
+def sgd_step(model, mesh, lr_g, lr_d, update='simultaneous'):
+  """Algorithm 1's step with plain gradient descent on each side (lr 0: that side is frozen)."""
+  return step_lib.make_sharded_train_step(model, optax.sgd(lr_g), optax.sgd(lr_d), mesh, update)
+
+
+def fixed_key_losses(model, state, x):
+  """(L_d, L_g)(g_params, d_params) with the keys of `state`'s step, on x: one fixed function."""
+  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), 2)
+
+  def at(g_params, d_params):
+    out, _ = model.apply({'params': {**g_params, 'discriminator': d_params},
+                          'batch_stats': state.batch_stats}, x, keys, train=True,
+                         rngs={'dropout': keys['dropout']}, mutable=['batch_stats'])
+    return (losses.discriminator_loss(out['logits_q'], out['logits_p']),
+            losses.generator_loss(out['logits_q'], out['logits_p']))
+
+  return jax.jit(at)
+
+
+def sgd_state(model, state):
+  """`state` with SGD's (empty) optimizer states."""
+  g, d = step_lib.split_params(state.params)
+  return state.replace(opt_state_g=optax.sgd(LR).init(g), opt_state_d=optax.sgd(LR).init(d))
+
+
+@pytest.mark.parametrize('side', ['discriminator', 'generator'])
+def test_each_side_descends_its_own_loss(two_level, side):
+  """A discriminator-only step lowers L_d and a generator-only step lowers L_g, at fixed keys.
+  Had the two pullbacks been swapped (D on L_g), each would rise instead."""
+  mesh, model, state0, _ = two_level
+  state0 = sgd_state(model, state0)
+  x = jnp.asarray(batches(1)[0]['image'])
+  loss = fixed_key_losses(model, state0, x)
+  lr_g, lr_d = (0.0, LR) if side == 'discriminator' else (LR, 0.0)
+  state1, _ = sgd_step(model, mesh, lr_g, lr_d)(copy(state0), step_lib.put_batch({'image': x},
+                                                                                  mesh))
+  which = 0 if side == 'discriminator' else 1
+  before = loss(*step_lib.split_params(state0.params))[which]
+  after = loss(*step_lib.split_params(state1.params))[which]
+  assert after < before - 1e-4, (side, before, after)
+  frozen = 'discriminator' if side == 'generator' else 'encoder'
+  assert same_tree(state0.params[frozen], state1.params[frozen])
+
+
+def same_tree(a, b):
+  return all(np.array_equal(u, v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_sequential_takes_the_generators_gradient_against_the_updated_discriminator(two_level):
+  """Hand-written two stages: D steps on grad L_d; G's gradient is then taken at the new D, with
+  the same samples (keys). 'simultaneous' takes both at the old parameters, and differs."""
+  mesh, model, state0, _ = two_level
+  state0 = sgd_state(model, state0)
+  x = jnp.asarray(batches(1)[0]['image'])
+  loss = fixed_key_losses(model, state0, x)
+  g0, d0 = step_lib.split_params(state0.params)
+  grad_d = jax.grad(lambda d: loss(g0, d)[0])(d0)
+  d1 = jax.tree.map(lambda p, g: p - LR * g, d0, grad_d)
+  expected = {
+      'sequential': jax.tree.map(lambda p, g: p - LR * g, g0,
+                                 jax.grad(lambda g: loss(g, d1)[1])(g0)),
+      'simultaneous': jax.tree.map(lambda p, g: p - LR * g, g0,
+                                   jax.grad(lambda g: loss(g, d0)[1])(g0))}
+  got = {}
+  for update in expected:
+    state1, _ = sgd_step(model, mesh, LR, LR, update)(copy(state0),
+                                                      step_lib.put_batch({'image': x}, mesh))
+    got[update], d_new = step_lib.split_params(state1.params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), d_new, d1)
+  for update in expected:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-6),
+                 got[update], expected[update])
+  # The two orders really differ (by more than the tolerance above), so the test tells them apart.
+  differences = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
+                                             expected['sequential'], expected['simultaneous']))
+  assert max(differences) > 1e-4
+
+
+def test_a_step_with_non_finite_losses_is_skipped(two_level):
+  mesh, _, state0, train_step = two_level
+  bad = {'image': np.full((8,) + IMAGE_SHAPE, np.nan, np.float32)}
+  state1, metrics = train_step(copy(state0), step_lib.put_batch(bad, mesh))
+  assert float(metrics['skipped']) == 1 and not np.isfinite(float(metrics['loss_d']))
+  assert int(state1.step) == 1  # The next step draws new keys and reads the next batch.
+  for name in ('params', 'batch_stats', 'opt_state_g', 'opt_state_d', 'rng'):
+    assert same_tree(getattr(state0, name), getattr(state1, name)), name
+  state2, metrics = train_step(state1, step_lib.put_batch(batches(1)[0], mesh))
+  assert float(metrics['skipped']) == 0 and not same_tree(state0.params, state2.params)

@@ -26,6 +26,7 @@ from tensorboardX.proto import event_pb2
 
 from configs import mnist
 from hali_jax import checkpoint
+from hali_jax import methods
 from hali_jax import train
 from hali_jax.errors import UserError
 from tests.test_input_pipeline import mock_tfds
@@ -180,6 +181,31 @@ def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
   with pytest.raises(UserError, match=r'stop_after_minutes=-1.0 is not valid: it must be a '
                      r'number that is >= 0'):
     train.validate_config(tiny_config(stop_after_minutes=-1))
+
+
+def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path, monkeypatch):
+  """Every step after the checkpoint at 2 is non-finite: skipped, never saved, and the run stops
+  after config.max_consecutive_skips of them, naming the checkpoint to resume from."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight[0], workdir)
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  for events in workdir.glob('events.out.tfevents.*'):  # Only this run's events are read below.
+    events.unlink()
+  real = methods.make_train_step
+
+  def poisoned(config, model, mesh):
+    step = real(config, model, mesh)
+    return lambda state, batch: step(state, {**batch, 'image': batch['image'] * np.nan})
+
+  monkeypatch.setattr(methods, 'make_train_step', poisoned)
+  config = tiny_config(num_train_steps=8, max_consecutive_skips=3, checkpoint_every_steps=10)
+  with mock_tfds(MOCK_EXAMPLES), pytest.raises(
+      UserError, match=r'steps 3 to 5 all had non-finite losses or gradients.*last good '
+                       r'checkpoint is step 2'):
+    train.train_and_evaluate(config, str(workdir))
+  assert checkpoint.all_steps(workdir) == [2]
+  skipped = read_events(workdir)['train/skipped']
+  assert [skipped[s].simple_value for s in (3, 4, 5)] == [1.0, 1.0, 1.0]
 
 
 def snapshot(directory: Path) -> dict[str, str]:
