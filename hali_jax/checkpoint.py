@@ -13,6 +13,7 @@ config.json then records the new config (a resumed run's config is what the anal
 rebuild the model from, and both configs give the same shapes).
 """
 
+import functools
 import json
 import os
 from typing import Any, NamedTuple
@@ -20,10 +21,12 @@ from typing import Any, NamedTuple
 from absl import logging
 from etils import epath
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import optax
 import orbax.checkpoint as ocp
 
+from hali_jax import default_config
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
@@ -38,8 +41,9 @@ CHECKPOINTS = 'checkpoints'
 # run that wrote the checkpoints: the model's shapes and method, and what decides which
 # examples make up batch k (dataset, preprocessing, split, global batch, seed).
 RESUME_MUST_MATCH = ('method', 'model', 'dataset', 'image_size', 'input.train_split',
-                     'input.crop_size', 'batch_size', 'seed', 'semisup.enabled', 'semisup.level',
-                     'semisup.labels_per_class', 'semisup.label_seed')
+                     'input.crop_size', 'input.grey', 'input.folder_test_fraction',
+                     'input.folder_split_seed', 'batch_size', 'seed', 'semisup.enabled',
+                     'semisup.level', 'semisup.labels_per_class', 'semisup.label_seed')
 
 
 class Restored(NamedTuple):
@@ -67,11 +71,23 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """DIR/config.json, with the defaults of fields added since it was written (each new field's
+  default keeps the behaviour of the code before it)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise UserError(f'{workdir} holds no {CONFIG_FILE}: it is not the workdir of a training run '
                     '(python -m hali_jax.main --workdir=DIR writes it).')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    raise UserError(f'{path} is not valid JSON ({e}); restore it from a copy, or use a new '
+                    '--workdir.') from e
+
+  def merge(defaults: dict, values: dict) -> dict:
+    return {**defaults, **{k: merge(defaults[k], v) if isinstance(v, dict) and isinstance(
+        defaults.get(k), dict) else v for k, v in values.items()}}
+
+  return ml_collections.ConfigDict(merge(default_config.get_default_config().to_dict(), saved))
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -164,15 +180,95 @@ def _check_variables_match(stored_state, variables: dict, workdir: str, step: in
 
 
 def restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[Any, dict, int]:
-  """(state, data position, step) of the latest checkpoint, laid out like `abstract_state`."""
-  step = manager.latest_step()
-  workdir = str(manager.directory.parent)
-  _check_variables_match(manager.item_metadata(step)[STATE].tree,
-                         {'params': abstract_state.params,
-                          'batch_stats': abstract_state.batch_stats}, workdir, step)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
-  return restored[STATE], restored[DATA], step
+  """(state, data position, step) of the newest readable checkpoint, laid out like
+  `abstract_state`; unreadable newer ones are moved aside (`newest_readable`)."""
+  def restore_step(step):
+    _check_variables_match(_stored_tree(manager, step),
+                           {'params': abstract_state.params,
+                            'batch_stats': abstract_state.batch_stats}, _workdir(manager), step)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
+    return restored[STATE], restored[DATA]
+
+  (state, data), step = newest_readable(manager, restore_step)
+  return state, data, step
+
+
+# --------------------------------------------------------------------------------------------
+# Damaged checkpoints: a crash mid-write or a full disk leaves files that cannot be read.
+# --------------------------------------------------------------------------------------------
+
+DAMAGED = 'damaged_checkpoints'
+
+
+class _Damaged(Exception):
+  """A checkpoint's files cannot be read (as opposed to a config that does not fit them)."""
+
+
+def _workdir(manager: ocp.CheckpointManager) -> str:
+  return str(manager.directory.parent)
+
+
+def _stored_tree(manager: ocp.CheckpointManager, step: int):
+  """The state's tree of array metadata at `step`; _Damaged if the metadata cannot be read."""
+  try:
+    return manager.item_metadata(step)[STATE].tree
+  except Exception as e:  # Orbax and tensorstore raise many types for unreadable files.
+    raise _Damaged(f'its metadata cannot be read: {type(e).__name__}: {e}') from e
+
+
+def move_aside(workdir: str, step: int) -> str:
+  """Moves DIR/checkpoints/<step> to DIR/damaged_checkpoints/<step>[.N] (process 0; the others
+  wait), where Orbax no longer lists it and the files stay for inspection. Returns the new path."""
+  source = _checkpoint_dir(workdir) / str(step)
+  target = epath.Path(_checkpoint_dir(workdir).parent) / DAMAGED / str(step)
+  suffix = 0
+  while target.exists():
+    suffix += 1
+    target = target.parent / f'{step}.{suffix}'
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+  multihost_utils.sync_global_devices(f'hali_jax: moved aside checkpoint {step}')
+  return str(target)
+
+
+def _read(restore_step, step: int):
+  """restore_step(step), any failure to read the files raised as _Damaged."""
+  try:
+    return restore_step(step)
+  except (UserError, _Damaged):
+    raise
+  except Exception as e:  # Orbax and tensorstore raise many types for unreadable files.
+    raise _Damaged(f'{type(e).__name__}: {e}') from e
+
+
+def _first_line(error: Exception) -> str:
+  return str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+
+
+def newest_readable(manager: ocp.CheckpointManager, restore_step):
+  """(restore_step(step), step) for the newest step that can be read.
+
+  Each newer checkpoint that cannot be read is reported in one warning, naming it and why, and
+  moved aside (`move_aside`); the readable ones are never touched. UserError if none can be read.
+  A UserError from `restore_step` (a config that does not fit the checkpoint) is not damage and
+  passes through.
+  """
+  workdir = _workdir(manager)
+  damaged = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return _read(restore_step, step), step
+    except _Damaged as e:
+      where = move_aside(workdir, step)
+      manager.reload()
+      logging.warning('The checkpoint at step %d in %s cannot be read (%s); moved it to %s and '
+                      'trying the one before.', step, workdir, _first_line(e), where)
+      damaged.append(step)
+  raise UserError(f'No checkpoint in {_checkpoint_dir(workdir)} can be read (steps '
+                  f'{", ".join(map(str, damaged)) or "none"}; moved to {DAMAGED}/). Start again '
+                  'with a new --workdir, or put readable checkpoints back.')
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,20 +306,32 @@ def restore(workdir: str, step: int | None = None) -> Restored:
   steps = all_steps(workdir)
   if not steps:
     raise UserError(f'{workdir} holds no checkpoints (looked in {_checkpoint_dir(workdir)}).')
-  step = steps[-1] if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise UserError(f'{workdir} has no checkpoint at step {step}; available steps: '
                     f'{", ".join(map(str, steps))}.')
   sharding = step_lib.replicated(step_lib.make_mesh(jax.local_devices()))
   target = _abstract_variables(config, model, image_shape, sharding)
-  # A partial restore reads params and batch_stats only, whatever the optimizer states hold.
-  with _manager(workdir, ocp.PyTreeCheckpointHandler(),
-                ocp.CheckpointManagerOptions(create=False)) as manager:
-    _check_variables_match(manager.item_metadata(step)[STATE].tree, target, workdir, step)
+
+  def restore_step(manager, step):
+    _check_variables_match(_stored_tree(manager, step), target, workdir, step)
+    # A partial restore reads params and batch_stats only, whatever the optimizer states hold.
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)}))
-  return Restored(config, model, dict(restored[STATE]), step)
+    return dict(restored[STATE])
+
+  with _manager(workdir, ocp.PyTreeCheckpointHandler(),
+                ocp.CheckpointManagerOptions(create=False)) as manager:
+    if step is None:  # The newest readable one, as training resumes.
+      variables, step = newest_readable(manager, functools.partial(restore_step, manager))
+    else:  # The step asked for, or a clear error; nothing is moved.
+      try:
+        variables = _read(functools.partial(restore_step, manager), step)
+      except _Damaged as e:
+        raise UserError(f'The checkpoint at step {step} in {workdir} cannot be read '
+                        f'({_first_line(e)}). Choose another step: '
+                        f'{", ".join(map(str, steps))}.') from e
+  return Restored(config, model, variables, step)
 
 
 def initial(config: ml_collections.ConfigDict) -> Restored:

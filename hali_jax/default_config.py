@@ -14,7 +14,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   # --- Data -----------------------------------------------------------------------------------
-  c.dataset = 'mnist'  # tfds name.
+  c.dataset = 'mnist'  # tfds name, or 'folder' (your images under data_dir).
   # None = tfds' default, which honours TFDS_DATA_DIR. Typed, so --config.data_dir=DIR can set it.
   c.data_dir = ml_collections.config_dict.placeholder(str)
   c.download = False  # Let tfds download and prepare a missing dataset (needs TensorFlow).
@@ -26,6 +26,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.input.worker_count = 0  # grain worker processes (0 = read in the main process).
   c.input.prefetch = 2  # Batches kept in flight on the devices.
   c.input.eval_batch_size = 64  # Size of the fixed evaluation batch.
+  # --config.dataset=folder (hali_jax/image_folder.py): grey instead of RGB; the fraction of the
+  # images held out as 'test', and the seed of that stable rule; where the decoded cache goes
+  # (None: ~/.cache/hali_jax/image_folders).
+  c.input.grey = False
+  c.input.folder_test_fraction = 0.05
+  c.input.folder_split_seed = 0
+  c.input.cache_dir = ml_collections.config_dict.placeholder(str)
 
   # --- Model (hali_jax/models.py) -------------------------------------------------------------
   c.method = 'hali'  # 'hali' (adversarial, Algorithm 1) or 'vae' (ELBO baseline).
@@ -43,6 +50,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # a probability of retention of 0.2", read as 0.8 on every third layer's input).
   c.model.dropout_rates = 'table'
   c.model.leaky_slope = 0.2
+  # 'float32', or 'bfloat16' for mixed precision on GPUs and TPUs: the networks compute in
+  # bfloat16; parameters, optimizer states, batch-norm statistics, the Gaussian layers, the
+  # logits and the losses stay float32. Off by default until measured (experiments/BENCHMARKS.md).
+  c.model.compute_dtype = 'float32'
 
   # --- Optimisation (hali_jax/train.py) -------------------------------------------------------
   c.optim = ml_collections.ConfigDict()
@@ -138,6 +149,10 @@ FIELD_RULES = {
     'input.worker_count': _number(int, 0),
     'input.prefetch': _POSITIVE_INT,
     'input.eval_batch_size': _POSITIVE_INT,
+    'input.grey': _of_type(bool, 'True or False'),
+    'input.folder_test_fraction': _number(float, 0, 1, low_open=True, high_open=True),
+    'input.folder_split_seed': _number(int, 0),
+    'input.cache_dir': ((lambda v: v is None or isinstance(v, str)), 'a directory, or None'),
     'model.num_levels': _POSITIVE_INT,
     'model.width': _number(float, 0, low_open=True),
     'model.z_channels': _POSITIVE_INT,
@@ -147,6 +162,7 @@ FIELD_RULES = {
     'model.dropout': _of_type(bool, 'True or False'),
     'model.dropout_rates': _one_of('table', 'text'),
     'model.leaky_slope': _number(float, 0, 1),
+    'model.compute_dtype': _one_of('float32', 'bfloat16'),
     'optim.learning_rate': _number(float, 0, low_open=True),
     'optim.b1': _number(float, 0, 1, high_open=True),
     'optim.b2': _number(float, 0, 1, high_open=True),

@@ -1,9 +1,9 @@
 """Input pipeline: tfds array_record data sources read with grain, no TensorFlow.
 
 Training data is one infinite stream per seed: the train split shuffled globally, reshuffled
-every epoch, cut into global batches of `config.batch_size`. Process p of P reads elements
-p, p+P, p+2P, ... of that stream, so the examples in global batch k depend on the seed alone,
-never on the number of processes or grain workers.
+every epoch, cut into global batches of `config.batch_size`. Process p of P reads the p-th of
+P equal contiguous slices of every global batch, so global batch k, in order, depends on the
+seed alone, never on the number of processes or grain workers.
 """
 
 import collections
@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from hali_jax import image_folder
 from hali_jax.errors import UserError
 
 # Threads (per grain process) that assemble batches; also the number of batches read ahead.
@@ -60,12 +61,25 @@ DATASETS = {
 }
 
 
+FOLDER = 'folder'  # --config.dataset=folder --config.data_dir=DIR: hali_jax/image_folder.py.
+
+
 def _facts(config: ml_collections.ConfigDict) -> DatasetFacts:
   """The dataset's facts, after checking that the config can work with it."""
   name = config.dataset
+  if name == FOLDER:
+    if config.input.crop_size:
+      raise UserError(f'config.input.crop_size={config.input.crop_size} does not apply to a '
+                      'folder (its images are centre-cropped to squares). Set it to 0.')
+    prepared = image_folder.prepare(config)  # The cache holds images at the model's size.
+    return DatasetFacts((config.image_size, config.image_size, 1 if config.input.grey else 3),
+                        'native', image_folder.SPLITS, 'train', 'test', len(prepared.classes))
   if name not in DATASETS:
     raise UserError(f'Unknown dataset {name!r}. Set --config.dataset to one of: '
-                    f'{", ".join(DATASETS)}.')
+                    f'{", ".join(DATASETS)}, or {FOLDER} with --config.data_dir=DIR.')
+  if config.input.grey:
+    raise UserError(f'config.input.grey applies to --config.dataset={FOLDER} only; {name} has '
+                    'its own channels. Set it to False.')
   facts = DATASETS[name]
   height, width, _ = facts.shape
   if facts.preprocessing == 'native' and (height, width) != (config.image_size,) * 2:
@@ -87,10 +101,20 @@ def dataset_image_shape(config: ml_collections.ConfigDict) -> tuple[int, int, in
   return (config.image_size, config.image_size, _facts(config).shape[2])
 
 
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """The number of class labels (0: none)."""
+  return _facts(config).num_classes
+
+
 def _open_split(config: ml_collections.ConfigDict, split: str):
   """The tfds data source of `split`; UserError, within seconds, when it cannot be had."""
   name = config.dataset
   facts = _facts(config)
+  if name == FOLDER:
+    if split not in facts.splits:
+      raise UserError(f'A folder has the splits {", ".join(facts.splits)}, not {split!r}. Fix '
+                      'config.input.train_split/eval_split.')
+    return image_folder.source(config, split)
   # Split expressions such as 'train[:90%]+test' name their base splits before any '['.
   for part in split.split('+'):
     if part.split('[')[0].strip() not in facts.splits:
@@ -180,6 +204,10 @@ def _read_batch(indices, *, source, preprocess) -> dict[str, np.ndarray]:
   return {**batch, 'image': _scale(batch['image'])}
 
 
+def _process_slice(indices: np.ndarray, *, process_index: int, local_size: int) -> np.ndarray:
+  return indices[process_index * local_size:(process_index + 1) * local_size]
+
+
 def train_dataset(config: ml_collections.ConfigDict, process_index: int,
                   process_count: int, with_attributes: bool = False) -> grain.IterDataset:
   """This process's batches of the training stream: numpy image float32 and label int32.
@@ -196,10 +224,13 @@ def train_dataset(config: ml_collections.ConfigDict, process_index: int,
                     f'{config.input.train_split} ({len(source)} examples). Lower it.')
   ds = grain.MapDataset.range(len(source))
   ds = ds.shuffle(seed=config.seed % 2**32).repeat()  # Reshuffled each epoch; grain: uint32.
-  ds = ds[process_index::process_count]
-  # Batch while still a MapDataset, so grain workers each make whole batches and the order
-  # does not depend on config.input.worker_count.
-  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)
+  # Batch indices while still a MapDataset, so grain workers each make whole batches and the
+  # order does not depend on config.input.worker_count. Each process then keeps its contiguous
+  # slice of every global batch: the global batch, in order, is the same for any process count
+  # (each example's noise and dropout draws depend on its place in the batch).
+  ds = ds.batch(config.batch_size, drop_remainder=True)
+  ds = ds.map(functools.partial(_process_slice, process_index=process_index,
+                                local_size=config.batch_size // process_count))
   ds = ds.map(_reader(config, source, with_attributes=with_attributes))
   iter_ds = ds.to_iter_dataset(
       grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_READ_THREADS))
@@ -302,6 +333,11 @@ def attribute_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   classes: one attribute per class, its one-vs-rest indicator (MNIST: '0' .. '9').
   """
   facts = _facts(config)
+  if config.dataset == FOLDER:
+    if not facts.num_classes:
+      raise UserError(f'The folder {config.data_dir} has no labels to evaluate: put each '
+                      'class\'s images in a subfolder of its own (two or more).')
+    return image_folder.prepare(config).classes
   features = tfds.builder(config.dataset, data_dir=config.data_dir).info.features
   if 'attributes' in features:
     return tuple(sorted(features['attributes'].keys()))

@@ -26,8 +26,19 @@ _WORKDIR = flags.DEFINE_string(
 _DISTRIBUTED = flags.DEFINE_enum(
     'distributed', 'auto', ['auto', 'yes', 'no'],
     'Call jax.distributed.initialize() (one process per host, e.g. on a TPU pod). auto: when '
-    'the environment says the job has several processes (JAX_COORDINATOR_ADDRESS, SLURM, '
+    'the environment says the job has several processes (a coordinator address, SLURM, '
     'Open MPI).')
+# Outside a cluster manager that JAX detects (Cloud TPU, SLURM, Open MPI), every process is told
+# where the coordinator (process 0) listens, how many processes there are, and which it is.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+    'HOST:PORT of process 0, e.g. 10.0.0.1:1234 (default: $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', None,
+    'Number of processes, with --coordinator_address (default: $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', None, 'This process\'s index, 0 .. num_processes - 1, with '
+    '--coordinator_address (default: $JAX_PROCESS_ID).')
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache', '~/.cache/hali_jax/xla',
@@ -41,19 +52,54 @@ _PROCESS_COUNT_VARIABLES = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 def _is_multiprocess_job() -> bool:
   if _DISTRIBUTED.value != 'auto':
     return _DISTRIBUTED.value == 'yes'
-  if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+  if _COORDINATOR.value:
     return True
   return any(int(os.environ.get(name, '1')) > 1 for name in _PROCESS_COUNT_VARIABLES)
+
+
+def _environment_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  if value is None:
+    return None
+  try:
+    return int(value)
+  except ValueError:
+    raise UserError(f'{name}={value!r} is not a whole number.') from None
+
+
+def _initialize_distributed() -> None:
+  """jax.distributed.initialize(), told the coordinator, the count and the index when given;
+  otherwise JAX finds them from the cluster manager (Cloud TPU, SLURM, Open MPI)."""
+  if not _COORDINATOR.value:
+    jax.distributed.initialize()
+    return
+  count, index = (flag.value if flag.value is not None else _environment_int(variable)
+                  for flag, variable in ((_NUM_PROCESSES, 'JAX_NUM_PROCESSES'),
+                                         (_PROCESS_ID, 'JAX_PROCESS_ID')))
+  if count is None or index is None:
+    raise UserError('With a coordinator address (--coordinator_address or '
+                    'JAX_COORDINATOR_ADDRESS) every process needs the number of processes and its '
+                    'own index: set JAX_NUM_PROCESSES and JAX_PROCESS_ID (or --num_processes and '
+                    '--process_id), e.g. 2 and 0 on the first of two machines.')
+  if not 0 <= index < count:
+    raise UserError(f'--process_id={index} must be in 0..{count - 1} (--num_processes={count}).')
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=count,
+                             process_id=index)
 
 
 # Libraries whose INFO lines (every file orbax writes, every tfds metadata read) would drown the
 # training log; their warnings still show.
 _QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/grain/')
+# Notices about the libraries, not about this run: JAX probing for a TPU it does not find,
+# tfds advising OpenCV (which training never needs: it decodes nothing but PNGs, with PIL).
+_LIBRARY_NOTICES = ('Unable to initialize backend', 'OpenCV is not installed')
 
 
 class _QuietLibraries(python_logging.Filter):
 
   def filter(self, record: python_logging.LogRecord) -> bool:
+    if any(notice in str(record.msg) for notice in _LIBRARY_NOTICES):
+      return False
     return (record.levelno >= python_logging.WARNING
             or not any(part in record.pathname for part in _QUIET_LIBRARIES))
 
@@ -66,14 +112,15 @@ def _error(message: str) -> int:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if _is_multiprocess_job():
-    jax.distributed.initialize()
-  if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(_COMPILATION_CACHE.value))
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  if jax.process_index():  # Only process 0 talks; the others still log warnings and errors.
-    logging.set_verbosity(logging.WARNING)
   try:
+    if _is_multiprocess_job():
+      _initialize_distributed()
+    if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
+      jax.config.update('jax_compilation_cache_dir',
+                        os.path.expanduser(_COMPILATION_CACHE.value))
+    if jax.process_index():  # Only process 0 talks; the others still log warnings and errors.
+      logging.set_verbosity(logging.WARNING)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     return _error(str(e))

@@ -98,6 +98,9 @@ class Architecture:
   disc_logit: Conv
   # Initial log-variance of every Gaussian layer (the bias of its log-variance head).
   logvar_init: float = 0.0
+  # dtype of the networks' computations: 'float32', or 'bfloat16' (mixed precision: parameters,
+  # batch-norm statistics, Gaussian layers, logits and losses stay float32).
+  compute_dtype: str = 'float32'
 
   @property
   def num_levels(self) -> int:
@@ -139,7 +142,8 @@ DROPOUT_RATES = ('table', 'text')
 
 def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,
                        z_channels: int = 64, z_dim: int = 256, logvar_init: float = 0.0,
-                       dropout_rates: str = 'table') -> Architecture:
+                       dropout_rates: str = 'table',
+                       compute_dtype: str = 'float32') -> Architecture:
   """Every network's layers for architecture `arch` at depth `num_levels`.
 
   With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
@@ -164,6 +168,7 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
   `width` multiplies every hidden width (not the latents, not the image channels).
   `logvar_init` is the initial log-variance of every Gaussian layer. `dropout_rates`: the
   discriminator's dropout, 'table' (Table 4's column) or 'text' (sec. 4's sentence; see `Conv`).
+  `compute_dtype`: 'float32' or 'bfloat16' (see `Architecture`).
   """
   if arch not in ARCHITECTURES:
     raise UserError(f'Unknown model.arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.')
@@ -187,7 +192,7 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
                            z_channels, z_dim)
   if dropout_rates == 'text':
     architecture = _text_dropout(architecture)
-  return dataclasses.replace(architecture, logvar_init=logvar_init)
+  return dataclasses.replace(architecture, logvar_init=logvar_init, compute_dtype=compute_dtype)
 
 
 def _text_dropout(a: Architecture) -> Architecture:
@@ -346,16 +351,46 @@ def _activation(name: str, slope: float):
           'tanh': jnp.tanh}[name]
 
 
+def dropout_bits(rate: float) -> int:
+  """Random bits per unit that `Dropout` draws for `rate`: the fewest b in 1, 2, 4, 8, 16 with
+  rate * 2^b a whole number, else 16."""
+  return next((b for b in (1, 2, 4, 8) if (rate * 2**b).is_integer()), 16)
+
+
+class Dropout(nn.Module):
+  """flax.linen.Dropout's function (drop each unit with probability `rate`, scale the others by
+  1 / (1 - rate)) from fewer random bits: b = dropout_bits(rate) per unit, so a 32-bit draw
+  serves 32 / b units. Table 4's rate 0.5 needs 1 bit; 0.2 takes 16, which makes the drop
+  probability round(0.2 * 2^16) / 2^16 = 0.2 - 3e-6 (flax's float32 uniform rounds it too, at
+  2^-23). Random numbers were a sixth of the train step on a CPU (experiments/BENCHMARKS.md).
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, h, *, deterministic: bool):
+    if deterministic or self.rate == 0:
+      return h
+    bits = dropout_bits(self.rate)
+    per_word = 32 // bits
+    words = jax.random.bits(self.make_rng('dropout'), (-(-h.size // per_word),), jnp.uint32)
+    shifts = jnp.arange(0, 32, bits, dtype=jnp.uint32)
+    draws = ((words[:, None] >> shifts) & (2**bits - 1)).reshape(-1)[:h.size].reshape(h.shape)
+    keep = draws >= round(self.rate * 2**bits)
+    return jnp.where(keep, h / (1 - self.rate), jnp.zeros_like(h))
+
+
 class ResBlock(nn.Module):
   features: int
   slope: float
+  dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, h, *, train: bool):
-    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    skip = h if h.shape[-1] == self.features else nn.Conv(self.features, (1, 1))(h)
-    y = nn.leaky_relu(bn()(nn.Conv(self.features, (3, 3), use_bias=False)(h)), self.slope)
-    y = bn()(nn.Conv(self.features, (3, 3), use_bias=False)(y))
+    bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)
+    conv = lambda size, **kw: nn.Conv(self.features, (size, size), dtype=self.dtype, **kw)
+    skip = h if h.shape[-1] == self.features else conv(1)(h)
+    y = nn.leaky_relu(bn()(conv(3, use_bias=False)(h)), self.slope)
+    y = bn()(conv(3, use_bias=False)(y))
     return nn.leaky_relu(skip + y, self.slope)
 
 
@@ -364,21 +399,22 @@ class Stack(nn.Module):
   layers: Sequence[Layer]
   slope: float
   use_dropout: bool = True
+  dtype: str = 'float32'  # Of the computations; parameters are float32.
 
   @nn.compact
   def __call__(self, h, *, train: bool):
     for layer in self.layers:
       if isinstance(layer, Conv):
         if layer.dropout and self.use_dropout:
-          h = nn.Dropout(layer.dropout, deterministic=not train)(h)
+          h = Dropout(layer.dropout)(h, deterministic=not train)
         conv = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                       padding=layer.padding, use_bias=layer.norm != 'bn')
+                       padding=layer.padding, use_bias=layer.norm != 'bn', dtype=self.dtype)
         h = nn.WeightNorm(conv)(h) if layer.norm == 'wn' else conv(h)
         if layer.norm == 'bn':
-          h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+          h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
         h = _activation(layer.act, self.slope)(h)
       elif isinstance(layer, Res):
-        h = ResBlock(layer.features, self.slope)(h, train=train)
+        h = ResBlock(layer.features, self.slope, self.dtype)(h, train=train)
       elif isinstance(layer, Upsample):
         h = jax.image.resize(h, (h.shape[0], layer.size, layer.size, h.shape[-1]), 'bilinear')
       elif isinstance(layer, ToGrid):
@@ -427,10 +463,14 @@ class GaussianKernel(nn.Module):
   slope: float
   logvar_init: float = 0.0
 
+  dtype: str = 'float32'
+
   @nn.compact
   def __call__(self, z_in, key: jax.Array | None, *, train: bool) -> Gaussian:
-    h = Stack(self.body, self.slope, name='body')(_as_grid(z_in), train=train)
-    return GaussianLayer(self.out_shape, self.logvar_init, name='gaussian')(h, key)
+    h = Stack(self.body, self.slope, dtype=self.dtype, name='body')(_as_grid(z_in), train=train)
+    # The Gaussian layer in float32: latents, their noise and the VAE's densities stay exact.
+    return GaussianLayer(self.out_shape, self.logvar_init, name='gaussian')(
+        h.astype(jnp.float32), key)
 
 
 class Encoder(nn.Module):
@@ -440,7 +480,8 @@ class Encoder(nn.Module):
 
   def setup(self):
     arch = self.arch
-    self.levels = [GaussianKernel(body, shape, self.slope, arch.logvar_init)  # T(z_l | z_{l-1})
+    self.levels = [GaussianKernel(body, shape, self.slope, arch.logvar_init,  # T(z_l | z_{l-1})
+                                  arch.compute_dtype)
                    for body, shape in zip(arch.encoder, arch.latent_shapes)]
 
   def kernel(self, level: int, z_below, key: jax.Array | None, *, train: bool) -> Gaussian:
@@ -467,9 +508,9 @@ class Decoder(nn.Module):
 
   def setup(self):
     arch = self.arch
-    self.to_image = Stack(arch.decoder[0], self.slope)
+    self.to_image = Stack(arch.decoder[0], self.slope, dtype=arch.compute_dtype)
     self.levels = [GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope,
-                                  arch.logvar_init)
+                                  arch.logvar_init, arch.compute_dtype)
                    for l in range(1, arch.num_levels)]  # levels[l-1]: T(z_l | z_{l+1})
 
   def kernel(self, level: int, z_above, key: jax.Array | None, *, train: bool) -> Gaussian:
@@ -477,8 +518,8 @@ class Decoder(nn.Module):
     return self.levels[level - 1](z_above, key, train=train)
 
   def image(self, z_1, *, train: bool) -> jax.Array:
-    """T(x | z_1): the image, in [-1, 1]."""
-    return self.to_image(_as_grid(z_1), train=train)
+    """T(x | z_1): the image, in [-1, 1], float32."""
+    return self.to_image(_as_grid(z_1), train=train).astype(jnp.float32)
 
   def __call__(self, z_top, keys: Sequence[jax.Array] | None, *, train: bool,
                from_level: int | None = None):
@@ -505,7 +546,8 @@ class Discriminator(nn.Module):
 
   @nn.compact
   def __call__(self, x, zs: Sequence[jax.Array], *, train: bool):
-    stack = lambda layers, name: Stack(layers, self.slope, self.use_dropout, name=name)
+    stack = lambda layers, name: Stack(layers, self.slope, self.use_dropout,
+                                       self.arch.compute_dtype, name=name)
     h = stack(self.arch.disc_stages[0], 'stage_0')(x, train=train)
     for l, z in enumerate(zs, start=1):
       h = jnp.concatenate([h, _as_grid(z)], axis=-1)
@@ -513,7 +555,8 @@ class Discriminator(nn.Module):
         h = stack(self.arch.disc_stages[l], f'stage_{l}')(h, train=train)
     embedding = stack(self.arch.disc_joint, 'joint')(h, train=train)
     logit = stack((self.arch.disc_logit,), 'logit')(embedding, train=train)
-    return logit.reshape(-1), embedding.reshape(embedding.shape[0], -1)
+    return (logit.reshape(-1).astype(jnp.float32),
+            embedding.reshape(embedding.shape[0], -1).astype(jnp.float32))
 
 
 def key_names(num_levels: int) -> tuple[str, ...]:
@@ -578,7 +621,8 @@ def create_model(model_config, image_shape: Sequence[int]) -> HALI:
   """The HALI module for `config.model` and the dataset's (H, W, C) after preprocessing."""
   arch = build_architecture(model_config.arch, model_config.num_levels, image_shape[-1],
                             model_config.width, model_config.z_channels, model_config.z_dim,
-                            model_config.logvar_init, model_config.dropout_rates)
+                            model_config.logvar_init, model_config.dropout_rates,
+                            model_config.compute_dtype)
   if tuple(image_shape) != arch.image_shape:
     raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'
                     f'{arch.image_shape[1]} images but the data is {image_shape[0]}x{image_shape[1]}:'

@@ -46,7 +46,7 @@ def labelled_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray
 
 
 def _num_classes(config: ml_collections.ConfigDict) -> int:
-  num_classes = input_pipeline.DATASETS[config.dataset].num_classes
+  num_classes = input_pipeline.num_classes(config)
   if not num_classes:
     raise UserError(f'{config.dataset} has no class labels, so it cannot train semi-supervised. '
                     'Set --config.semisup.enabled=False or choose a labelled dataset.')

@@ -35,6 +35,7 @@ from hali_jax import methods
 from hali_jax import models
 from hali_jax import semisup
 from hali_jax import step as step_lib
+from hali_jax import workdir_lock
 from hali_jax import writers
 from hali_jax.errors import UserError
 
@@ -112,24 +113,26 @@ def initial_state(config, model, image_shape, mesh, manager,
 # --------------------------------------------------------------------------------------------
 
 
-def _reached_preemption_sync_point(step: int) -> bool:
+def _preemption_service_running() -> bool:
+  """Whether jax's preemption service (multi-process runs) can tell when to stop."""
   try:
-    return multihost_utils.reached_preemption_sync_point(step)
-  except RuntimeError:  # jax's preemption service is off (jax_enable_preemption_service).
+    multihost_utils.reached_preemption_sync_point(0)
+  except RuntimeError:  # Off (jax_enable_preemption_service), or not started.
     return False
+  return True
 
 
 @contextlib.contextmanager
-def stop_requests():
+def stop_requests(mesh):
   """Yields `requested(step) -> bool`: True once the run should save and stop.
 
-  One process: SIGTERM or SIGINT sets it (a second signal acts as usual, e.g. Ctrl-C twice
-  aborts). Several processes: they must stop at the same step, so jax's preemption service
-  decides (jax.distributed.initialize starts it; it catches SIGTERM on every process).
+  SIGTERM or SIGINT sets it (a second signal acts as usual, e.g. Ctrl-C twice aborts). Several
+  processes must stop at the same step, whichever of them was signalled: every process votes at
+  every step (has it been signalled?) in a tiny collective on `mesh`, and the vote of step s is
+  read at step s + 1, the same value on every process, so they all stop at that step (read one
+  step late so that the host never waits for the step it just dispatched). Where JAX's
+  preemption service runs (e.g. Cloud TPU's maintenance notices), its sync point stops them too.
   """
-  if jax.process_count() > 1:
-    yield _reached_preemption_sync_point
-    return
   received = []
   previous = {}
 
@@ -144,7 +147,21 @@ def stop_requests():
   if threading.current_thread() is threading.main_thread():  # Python's rule for handlers.
     previous.update({sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)})
   try:
-    yield lambda step: bool(received)
+    if jax.process_count() == 1:
+      yield lambda step: bool(received)
+      return
+    service = _preemption_service_running()
+    any_vote = jax.jit(jnp.max, out_shardings=step_lib.replicated(mesh))
+    pending = []
+
+    def requested(step):
+      local_votes = np.full(len(mesh.local_devices), int(bool(received)), np.int32)
+      pending.append(any_vote(jax.make_array_from_process_local_data(
+          step_lib.batch_sharding(mesh), local_votes)))
+      voted = len(pending) > 1 and bool(pending.pop(0))
+      return voted or (service and multihost_utils.reached_preemption_sync_point(step))
+
+    yield requested
   finally:
     for sig, old in previous.items():
       signal.signal(sig, old)
@@ -286,10 +303,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
   model = models.create_model(config.model, image_shape)
   check_resume(config, workdir)
 
-  with stop_requests() as stop_requested, contextlib.ExitStack() as stack:
+  with stop_requests(mesh) as stop_requested, contextlib.ExitStack() as stack:
+    # Opening the data checks it (and writes nothing), so bad data leaves no workdir behind.
     train_iter = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
     stack.callback(train_iter.close)
     eval_x = eval_images(config, mesh)
+    # Before anything writes to the workdir: one run at a time may.
+    stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     manager = stack.enter_context(checkpoint.create_manager(workdir,
                                                             config.checkpoint_max_to_keep))
     state, start_step = initial_state(config, model, image_shape, mesh, manager, train_iter)

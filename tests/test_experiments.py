@@ -20,6 +20,7 @@ from PIL import Image
 import pytest
 
 from configs import mnist
+from hali_jax import input_pipeline
 from hali_jax import train
 from tests.test_input_pipeline import mock_tfds
 from tests.test_train import subprocess_env
@@ -235,3 +236,24 @@ def test_benchmark_reports_every_measure(tmp_path):
   assert report['images_per_sec'] == pytest.approx(8 * report['steps_per_sec'])
   assert report['device'] and report['jax'] == jax.__version__
   assert '| steps_per_sec |' in (tmp_path / 'bench' / 'benchmark.md').read_text()
+
+
+def test_export_images_writes_a_folder_the_pipeline_reads(tmp_path):
+  """experiments/export_images.py: a tfds split as PNGs in class subfolders, read back by
+  --config.dataset=folder pixel for pixel."""
+  out = tmp_path / 'png'
+  result = subprocess.run(
+      [sys.executable, 'experiments/export_images.py', '--dataset=mnist', '--split=test',
+       '--limit=12', f'--output_dir={out}'], cwd=REPO, env=mock_data_env(tmp_path),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Wrote 12 images of mnist test' in result.stdout
+  paths = sorted(out.rglob('*.png'))
+  assert len(paths) == 12 and {p.parent.name for p in paths} <= {str(d) for d in range(10)}
+  with mock_tfds(MOCK_EXAMPLES):
+    expected = input_pipeline.load_split(mnist.get_config(), 'test', limit=12)
+  for path in paths:
+    index = int(path.stem)
+    np.testing.assert_array_equal(np.asarray(Image.open(path)),
+                                  ((expected['image'][index, ..., 0] + 1) * 127.5).round())
+    assert path.parent.name == str(expected['label'][index])

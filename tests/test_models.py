@@ -198,8 +198,8 @@ def test_depth_and_size_errors():
   with pytest.raises(UserError, match='Unknown model.arch'):
     models.build_architecture('96', 2, 3)
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
-                              logvar_init=0.0, dropout_rates='table', leaky_slope=0.2,
-                              input_noise_std=0.2, dropout=True))
+                              logvar_init=0.0, dropout_rates='table', compute_dtype='float32',
+                              leaky_slope=0.2, input_noise_std=0.2, dropout=True))
   with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
     models.create_model(config, (28, 28, 1))
 
@@ -263,3 +263,19 @@ def test_input_noise_and_dropout_exactly_where_the_paper_puts_them():
   # Without noise, neither noise key matters.
   quiet = models.HALI(a, input_noise_std=0.0, use_dropout=False)
   assert same(run(quiet), run(quiet, encoder_noise=True, discriminator_noise=True))
+
+
+def test_dropout_drops_at_its_rate_from_few_bits():
+  assert [models.dropout_bits(r) for r in (0.5, 0.25, 0.75, 0.2, 0.8)] == [1, 2, 2, 16, 16]
+  h = jnp.ones((1000, 1000))
+  for rate in (0.5, 0.2, 0.8):
+    out = models.Dropout(rate).apply({}, h, deterministic=False,
+                                     rngs={'dropout': jax.random.key(0)})
+    kept = np.asarray(out != 0)
+    # A million units: the kept fraction is within 5 standard deviations of 1 - rate.
+    assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / h.size), rate
+    np.testing.assert_allclose(np.asarray(out)[kept], 1 / (1 - rate), rtol=1e-6)
+    # Units are independent: neighbours (which share a random word) agree as often as chance.
+    agree = (kept[:, 1:] == kept[:, :-1]).mean()
+    assert abs(agree - (rate**2 + (1 - rate)**2)) < 0.005, rate
+  np.testing.assert_array_equal(models.Dropout(0.5).apply({}, h, deterministic=True), h)

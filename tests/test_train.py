@@ -7,11 +7,13 @@ skip recompiling what an earlier one compiled.
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -28,6 +30,7 @@ from configs import mnist
 from hali_jax import checkpoint
 from hali_jax import methods
 from hali_jax import train
+from hali_jax import workdir_lock
 from hali_jax.errors import UserError
 from tests.test_input_pipeline import mock_tfds
 
@@ -208,6 +211,52 @@ def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path
   assert [skipped[s].simple_value for s in (3, 4, 5)] == [1.0, 1.0, 1.0]
 
 
+def damage(checkpoint_dir: Path, how: str) -> None:
+  """What a crash mid-write or a full disk leaves: garbled bytes, missing files, bad metadata."""
+  state = checkpoint_dir / 'state'
+  if how == 'bytes':
+    for path in state.glob('ocdbt.process_0/d/*'):
+      data = bytearray(path.read_bytes())
+      data[::7] = bytes(b ^ 0x5A for b in data[::7])
+      path.write_bytes(bytes(data))
+  elif how == 'missing':
+    (state / 'manifest.ocdbt').unlink()
+  elif how == 'metadata':
+    (state / '_METADATA').write_text('{garbage')
+
+
+@pytest.mark.parametrize('how', ['bytes', 'missing', 'metadata'])
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(straight, tmp_path, how,
+                                                                      caplog):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight[0], workdir)
+  damage(workdir / 'checkpoints' / '4', how)
+  good = snapshot(workdir / 'checkpoints' / '2')
+  # Analysis: an explicit damaged step is refused; the latest readable one is found.
+  with pytest.raises(UserError, match='checkpoint at step 4 .* cannot be read'):
+    checkpoint.restore(str(workdir), step=4)
+  with mock_tfds(MOCK_EXAMPLES):
+    resumed = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert_trees_equal(resumed, straight[1])  # Steps 3 and 4 again, from the checkpoint at 2.
+  warnings = [r.getMessage() for r in caplog.records if 'cannot be read' in r.getMessage()]
+  assert len(warnings) == 1 and 'step 4' in warnings[0] and 'damaged_checkpoints/4' in warnings[0]
+  assert (workdir / 'damaged_checkpoints' / '4' / 'state').is_dir()
+  assert checkpoint.all_steps(workdir) == [2, 4]
+  assert snapshot(workdir / 'checkpoints' / '2') == good
+
+
+def test_no_readable_checkpoint_is_a_clear_error(straight, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight[0], workdir)
+  for step in (2, 4):
+    damage(workdir / 'checkpoints' / str(step), 'metadata')
+  with mock_tfds(MOCK_EXAMPLES), pytest.raises(
+      UserError, match=r'No checkpoint in .* can be read \(steps 4, 2; moved to '
+                       r'damaged_checkpoints/\)'):
+    train.train_and_evaluate(tiny_config(), str(workdir))
+  assert sorted(p.name for p in (workdir / 'damaged_checkpoints').iterdir()) == ['2', '4']
+
+
 def snapshot(directory: Path) -> dict[str, str]:
   return {str(p.relative_to(directory)): hashlib.sha1(p.read_bytes()).hexdigest()
           for p in sorted(directory.rglob('*')) if p.is_file()}
@@ -233,6 +282,19 @@ def test_resume_refuses_a_different_model_and_leaves_the_workdir(straight, tmp_p
     checkpoint.restore(str(workdir))
 
 
+def test_config_json_of_an_older_version_gets_the_new_fields_defaults(tmp_path):
+  """Fields added since a workdir was written take their defaults, which keep the old behaviour."""
+  old = json.loads(tiny_config().to_json_best_effort())
+  del old['model']['logvar_init'], old['max_consecutive_skips'], old['input']['grey']
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  config = checkpoint.load_config(str(tmp_path))
+  assert config.model.logvar_init == 0.0 and config.max_consecutive_skips == 20
+  assert not config.input.grey and config.model.arch == tiny_config().model.arch
+  (tmp_path / 'config.json').write_text('{"model": ')
+  with pytest.raises(UserError, match='config.json is not valid JSON'):
+    checkpoint.load_config(str(tmp_path))
+
+
 def test_restore_errors(tmp_path):
   with pytest.raises(UserError, match='no config.json'):
     checkpoint.restore(str(tmp_path))
@@ -251,8 +313,8 @@ def test_restore_errors(tmp_path):
     (dict(data_dir='MISSING'), 'Dataset mnist is not prepared: looked in .*TFDS_DATA_DIR'),
     (dict(image_size=32), 'mnist images are 28x28 but config.image_size=32'),
     (dict(model=dict(arch='32')), "model.arch '32' takes 32x32 images but the data is 28x28"),
-    (dict(num_train_steps=0), 'config.num_train_steps=0 must be positive'),
-    (dict(checkpoint_every_steps=-1), 'config.checkpoint_every_steps=-1 must be positive'),
+    (dict(num_train_steps=0), 'config.num_train_steps=0 is not valid: .* >= 1'),
+    (dict(checkpoint_every_steps=-1), 'config.checkpoint_every_steps=-1 is not valid: .* >= 1'),
 ])
 def test_bad_input(changes, match, tmp_path):
   config = tiny_config()
@@ -268,7 +330,7 @@ def test_bad_input(changes, match, tmp_path):
 
 def test_main_reports_bad_input_without_traceback(tmp_path):
   for flags, message in [
-      (['--config.num_train_steps=0'], 'error: config.num_train_steps=0 must be positive'),
+      (['--config.num_train_steps=0'], 'error: config.num_train_steps=0 is not valid'),
       (['--config.no_such_field=1'], "error: --config has no field 'no_such_field'")]:
     result = subprocess.run(main_command(tmp_path / 'workdir', *flags), cwd=REPO, text=True,
                             capture_output=True, env=subprocess_env(),
@@ -306,6 +368,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   assert 2 <= stopped_at < 100000
   assert f'Stopped at step {stopped_at}' in log and 'NO TENSORFLOW' in log
   assert checkpoint.restore(str(tmp_path)).step == stopped_at
+  # The console holds the program's lines, not the libraries' notices about themselves.
+  assert 'steps/s  ETA' in log
+  assert 'Unable to initialize backend' not in log and 'OpenCV' not in log
 
 
 def test_real_mnist_without_tensorflow(tmp_path, shared_tfds):
@@ -360,3 +425,49 @@ def test_eight_devices_train_as_one(straight, tmp_path):
   # every weight by ~1e-4.
   assert np.quantile(differences, 0.99) < 1e-5, np.quantile(differences, [0.5, 0.99])
   assert differences.max() < 4 * mnist.get_config('tiny').optim.learning_rate
+
+
+def test_tensorboard_is_installed_with_the_project():
+  """The README says to watch runs with `tensorboard --logdir DIR`: its install provides it."""
+  assert importlib.util.find_spec('tensorboard') is not None
+  assert Path(sys.executable).with_name('tensorboard').exists() or shutil.which('tensorboard')
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per workdir.
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_second_run_on_a_workdir_in_use_refuses_at_once(straight, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight[0], workdir)
+  before = snapshot(workdir)
+  with workdir_lock.hold(str(workdir)):  # The first run, alive: this very process.
+    holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
+    assert holder['pid'] == os.getpid()
+    with mock_tfds(MOCK_EXAMPLES), pytest.raises(
+        UserError, match=rf'in use by another run \(pid {os.getpid()} on .*Wait for it to end'):
+      train.train_and_evaluate(tiny_config(num_train_steps=6), str(workdir))
+    after = snapshot(workdir)
+    del after[workdir_lock.LOCK_FILE]
+    assert after == before
+  assert not (workdir / workdir_lock.LOCK_FILE).exists()  # Released.
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(dict(
+      host=socket.gethostname(), pid=dead.pid, start_time='1', created=time.time())))
+  with workdir_lock.hold(str(tmp_path)):
+    assert json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())['pid'] == os.getpid()
+  assert any('stale lock' in r.getMessage() for r in caplog.records)
+  # Another host's lock is judged by its age: fresh, it holds; untouched for long, it is stale.
+  (tmp_path / workdir_lock.LOCK_FILE).write_text(json.dumps(dict(host='elsewhere', pid=1)))
+  with pytest.raises(UserError, match='in use by another run'):
+    with workdir_lock.hold(str(tmp_path)):
+      pass
+  old = time.time() - workdir_lock.STALE_SECONDS - 60
+  os.utime(tmp_path / workdir_lock.LOCK_FILE, (old, old))
+  with workdir_lock.hold(str(tmp_path)):
+    pass
