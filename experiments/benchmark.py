@@ -38,6 +38,10 @@ from hali_jax import step as step_lib
 from hali_jax import train
 from hali_jax.errors import UserError
 
+# configs/*.py import the `configs` package: make the repository root importable, as
+# `python -m hali_jax.main` run from it does.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config, as for hali_jax.main.')
 flags.DEFINE_string('output_dir', None, 'Where benchmark.md and benchmark.json go (optional).')
 flags.DEFINE_integer('windows', 5, 'Timed windows of the train step; the median is reported.')

@@ -238,6 +238,18 @@ def test_benchmark_reports_every_measure(tmp_path):
   assert '| steps_per_sec |' in (tmp_path / 'bench' / 'benchmark.md').read_text()
 
 
+def test_benchmark_finds_the_configs_from_the_repository_root(tmp_path):
+  """As its docstring runs it, without PYTHONPATH: the config loads, and the bad value in it is
+  reported on one line."""
+  env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
+  result = subprocess.run(
+      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
+       '--config.num_train_steps=0'], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert 'error: config.num_train_steps=0 is not valid' in result.stderr
+
+
 def test_export_images_writes_a_folder_the_pipeline_reads(tmp_path):
   """experiments/export_images.py: a tfds split as PNGs in class subfolders, read back by
   --config.dataset=folder pixel for pixel."""
