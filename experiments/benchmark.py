@@ -14,14 +14,20 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
     of a float32 matmul's (2048 x 2048 jnp.dot, measured in this run; also bfloat16 on a GPU);
   * the input pipeline alone (images/s of the tfds + grain stream, on the host), and the step fed
     by it (steps/s), beside the device-resident number;
-  * on a GPU, the peak device memory.
+  * on a GPU, the peak device memory;
+  * with --profile_steps=N, where the time goes: each XLA op kind's share of the op time summed
+    over N steps traced by jax.profiler (kind: the HLO op's name without its number).
 The data comes from --config.data_dir as for training.
 """
 
+import collections
+import glob
+import gzip
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -48,6 +54,8 @@ flags.DEFINE_integer('windows', 5, 'Timed windows of the train step; the median 
 flags.DEFINE_integer('window_steps', 20, 'Steps per timed window.')
 flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps before the windows.')
 flags.DEFINE_integer('pipeline_batches', 50, 'Batches read to time the input pipeline.')
+flags.DEFINE_integer('profile_steps', 0, 'Steps traced by jax.profiler to report the share of '
+                     'each op kind in the op time (0: no trace).')
 FLAGS = flags.FLAGS
 
 
@@ -84,6 +92,25 @@ def steps_per_second(step_fn, state, batches) -> tuple[object, float]:
     jax.block_until_ready(state)
     rates.append(FLAGS.window_steps / (time.perf_counter() - start))
   return state, statistics.median(rates)
+
+
+def op_time_shares(step_fn, state, batch) -> tuple[object, dict[str, float]]:
+  """(state, {op kind: share of the op time}) over --profile_steps traced steps, largest first."""
+  with tempfile.TemporaryDirectory() as directory:
+    with jax.profiler.trace(directory, create_perfetto_trace=True):
+      for _ in range(FLAGS.profile_steps):
+        state, _ = step_fn(state, batch)
+      jax.block_until_ready(state)
+    [path] = glob.glob(os.path.join(directory, '**', '*.trace.json.gz'), recursive=True)
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  totals = collections.Counter()
+  for event in trace['traceEvents'] if isinstance(trace, dict) else trace:
+    op = event.get('args', {}).get('hlo_op')
+    if event.get('ph') == 'X' and op:  # Ops the compiled program ran, not host-side events.
+      totals[op.rsplit('.', 1)[0]] += event['dur']
+  total = sum(totals.values())
+  return state, {kind: time_ / total for kind, time_ in totals.most_common()}
 
 
 def benchmark(config) -> dict:
@@ -133,6 +160,8 @@ def benchmark(config) -> dict:
       'matmul_peak_gflops_f32']
   if device.platform == 'gpu':
     report['matmul_peak_gflops_bf16'] = matmul_peak(jnp.bfloat16) / 1e9
+  if FLAGS.profile_steps:
+    state, report['op_time_shares'] = op_time_shares(step_compiled, state, batch)
 
   # The input pipeline alone (host numpy batches), then feeding the step.
   host_stream = iter(input_pipeline.train_dataset(config, jax.process_index(),
@@ -150,8 +179,9 @@ def benchmark(config) -> dict:
 
 
 def markdown(report: dict) -> str:
-  rows = [(key, value) for key, value in report.items() if key != 'compile_seconds']
-  rows += [(f'compile_seconds.{k}', v) for k, v in report['compile_seconds'].items()]
+  rows = [(key, value) for key, value in report.items() if not isinstance(value, dict)]
+  rows += [(f'{key}.{k}', v) for key, value in report.items() if isinstance(value, dict)
+           for k, v in value.items()]
   cell = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
   return '\n'.join(['| measure | value |', '|---|---|'] +
                    [f'| {k} | {cell(v)} |' for k, v in rows]) + '\n'

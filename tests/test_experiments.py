@@ -223,8 +223,8 @@ def test_benchmark_reports_every_measure(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
        f'--output_dir={tmp_path / "bench"}', '--windows=2', '--window_steps=2',
-       '--pipeline_batches=2'], cwd=REPO, env=mock_data_env(tmp_path), capture_output=True,
-      text=True, timeout=600)
+       '--pipeline_batches=2', '--profile_steps=1'], cwd=REPO, env=mock_data_env(tmp_path),
+      capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
   report = json.loads((tmp_path / 'bench' / 'benchmark.json').read_text())
   assert set(report['compile_seconds']) == {'init_state', 'train_step', 'evaluate',
@@ -235,7 +235,11 @@ def test_benchmark_reports_every_measure(tmp_path):
     assert report[key] > 0, key
   assert report['images_per_sec'] == pytest.approx(8 * report['steps_per_sec'])
   assert report['device'] and report['jax'] == jax.__version__
-  assert '| steps_per_sec |' in (tmp_path / 'bench' / 'benchmark.md').read_text()
+  shares = report['op_time_shares']  # The step's own ops: convolutions among them.
+  assert sum(shares.values()) == pytest.approx(1)
+  assert any('convolution' in kind or 'fusion' in kind for kind in shares), shares
+  table = (tmp_path / 'bench' / 'benchmark.md').read_text()
+  assert '| steps_per_sec |' in table and '| op_time_shares.' in table
 
 
 def test_benchmark_finds_the_configs_from_the_repository_root(tmp_path):
