@@ -462,7 +462,6 @@ class GaussianKernel(nn.Module):
   out_shape: tuple[int, ...]
   slope: float
   logvar_init: float = 0.0
-
   dtype: str = 'float32'
 
   @nn.compact

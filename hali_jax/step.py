@@ -190,12 +190,16 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   return guard(state, new_state, metrics)
 
 
+def all_finite(tree) -> jax.Array:
+  """Whether every number in `tree`'s arrays is finite (a scalar bool array)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def guard(state: TrainState, new_state: TrainState, metrics: dict) -> tuple[TrainState, dict]:
   """The divergence guard: `new_state` if the step's losses and gradient norms are all finite,
   else `state` unchanged; the step counter advances either way (the next step draws new keys and
   a new batch). metrics['skipped'] is 1 for a skipped step, 0 otherwise."""
-  checked = [v for k, v in metrics.items() if k.startswith(('loss', 'grad_norm'))]
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in checked]))
+  finite = all_finite([v for k, v in metrics.items() if k.startswith(('loss', 'grad_norm'))])
   kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   return kept.replace(step=state.step + 1), {**metrics, 'skipped': 1.0 - finite.astype(jnp.float32)}
 

@@ -212,9 +212,7 @@ def count_skips(in_a_row: jax.Array, skipped: jax.Array) -> jax.Array:
   return jnp.where(skipped > 0, in_a_row + 1, 0)
 
 
-@jax.jit
-def all_finite(tree) -> jax.Array:
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+all_finite = jax.jit(step_lib.all_finite)
 
 
 def check_divergence(config, workdir: str, step: int, skips_in_a_row: int,
