@@ -37,12 +37,12 @@ import jax.numpy as jnp
 import jaxlib
 from ml_collections import config_flags
 
+import report_table
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
 from hali_jax import step as step_lib
 from hali_jax import train
-from hali_jax.errors import UserError
 
 # configs/*.py import the `configs` package: make the repository root importable, as
 # `python -m hali_jax.main` run from it does.
@@ -178,32 +178,10 @@ def benchmark(config) -> dict:
   return report
 
 
-def markdown(report: dict) -> str:
-  rows = [(key, value) for key, value in report.items() if not isinstance(value, dict)]
-  rows += [(f'{key}.{k}', v) for key, value in report.items() if isinstance(value, dict)
-           for k, v in value.items()]
-  cell = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
-  return '\n'.join(['| measure | value |', '|---|---|'] +
-                   [f'| {k} | {cell(v)} |' for k, v in rows]) + '\n'
-
-
 def main(argv):
   del argv
   jax.config.update('jax_enable_compilation_cache', False)  # Compile times from a cold start.
-  try:
-    report = benchmark(_CONFIG.value)
-  except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
-  report['command'] = ' '.join(['python', 'experiments/benchmark.py'] + sys.argv[1:])
-  table = markdown(report)
-  print(table)
-  if FLAGS.output_dir:
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, 'benchmark.md'), 'w') as f:
-      f.write(table)
-    with open(os.path.join(FLAGS.output_dir, 'benchmark.json'), 'w') as f:
-      json.dump(report, f, indent=2)
+  report_table.measure_and_report(lambda: benchmark(_CONFIG.value), 'benchmark', FLAGS.output_dir)
 
 
 if __name__ == '__main__':

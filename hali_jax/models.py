@@ -14,6 +14,7 @@ so an architecture is data that a test can compare with the paper's table row by
 """
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Sequence, Union
 
@@ -379,6 +380,86 @@ class Dropout(nn.Module):
     return jnp.where(keep, h / (1 - self.rate), jnp.zeros_like(h))
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _subpixel_input_gradient(dy, kernel, x_shape, strides, pads):
+  """The input gradient of a strided NHWC convolution as one stride-1 convolution of dy.
+
+  With x padded by pads, y[i] = sum_t w[t] x[s i + t]; so x's position s j + r (phase r) gets
+  sum_q w[r + s q] dy[j - q]: for every phase, a stride-1 correlation of dy with taps w[r + s q]
+  reversed. All s^2 phases are output channels of one convolution (taps past the kernel are
+  zero), then interleaved back into x's grid (depth-to-space) and cropped by the padding.
+  """
+  b, n_h, n_w, c = x_shape
+  k_h, k_w, _, c_out = kernel.shape
+  (s_h, s_w), ((lo_h, hi_h), (lo_w, hi_w)) = strides, pads
+  q_h, q_w = -(-k_h // s_h), -(-k_w // s_w)  # Taps per phase.
+  w = jnp.pad(kernel, ((0, s_h * q_h - k_h), (0, s_w * q_w - k_w), (0, 0), (0, 0)))
+  w = w.reshape(q_h, s_h, q_w, s_w, c, c_out)[::-1, :, ::-1]  # [q_h, r_h, q_w, r_w, c, c_out]
+  w = w.transpose(0, 2, 5, 1, 3, 4).reshape(q_h, q_w, c_out, s_h * s_w * c)
+  j_h, j_w = -(-(n_h + lo_h + hi_h) // s_h), -(-(n_w + lo_w + hi_w) // s_w)
+  dy = jnp.pad(dy, ((0, 0), (q_h - 1, j_h - dy.shape[1]), (q_w - 1, j_w - dy.shape[2]), (0, 0)))
+  g = jax.lax.conv_general_dilated(dy, w, (1, 1), 'VALID', dimension_numbers=_NHWC)
+  g = g.reshape(b, j_h, j_w, s_h, s_w, c).transpose(0, 1, 3, 2, 4, 5)
+  return g.reshape(b, j_h * s_h, j_w * s_w, c)[:, lo_h:lo_h + n_h, lo_w:lo_w + n_w]
+
+
+def _input_gradient(dy, kernel, x_shape, strides, pads):
+  """The input gradient of a strided convolution: `_subpixel_input_gradient` on a CPU, XLA's
+  own (transposed) convolution elsewhere."""
+  def lax_gradient(dy, kernel):
+    conv = lambda x: jax.lax.conv_general_dilated(x, kernel, strides, pads,
+                                                  dimension_numbers=_NHWC)
+    return jax.vjp(conv, jnp.zeros(x_shape, dy.dtype))[1](dy)[0]
+
+  subpixel = lambda dy, kernel: _subpixel_input_gradient(dy, kernel, x_shape, strides, pads)
+  return jax.lax.platform_dependent(dy, kernel, cpu=subpixel, default=lax_gradient)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x, kernel, strides, pads):
+  return jax.lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+
+
+def _strided_conv_fwd(x, kernel, strides, pads):
+  return _strided_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _strided_conv_bwd(strides, pads, residuals, dy):
+  x, kernel = residuals
+  conv = lambda k: jax.lax.conv_general_dilated(x, k, strides, pads, dimension_numbers=_NHWC)
+  dkernel, = jax.vjp(conv, kernel)[1](dy)
+  return _input_gradient(dy, kernel, x.shape, strides, pads).astype(x.dtype), dkernel
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+# Measured on a 2-core CPU (experiments/conv_gradients.py): at sides 28-32 the sub-pixel input
+# gradient takes 0.3-0.9 of XLA's time; at 14-16, 0.5-1.2; at 7-8, where XLA's generic path is
+# quick, 2.2-2.5 times as long.
+SUBPIXEL_MIN_SIDE = 24
+
+
+def conv_general_dilated(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """nn.Conv's convolution (NHWC): lax's, except that a strided one takes its input gradient
+  from `_subpixel_input_gradient` on a CPU at sides >= SUBPIXEL_MIN_SIDE, where XLA would run
+  the transposed convolution on its slow generic path (+19% steps/s on configs/mnist.py:
+  experiments/BENCHMARKS.md). The same function and the same kernel gradient."""
+  layout = lambda numbers: jax.lax.conv_dimension_numbers(x.shape, kernel.shape, numbers)
+  if (all(s == 1 for s in strides) or feature_group_count != 1 or precision is not None
+      or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+      or layout(dimension_numbers) != layout(_NHWC) or min(x.shape[1:3]) < SUBPIXEL_MIN_SIDE):
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count,
+                                        precision=precision)
+  pads = (jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+          if isinstance(padding, str) else padding)
+  return _strided_conv(x, kernel, tuple(strides), tuple(map(tuple, pads)))
+
+
 class ResBlock(nn.Module):
   features: int
   slope: float
@@ -408,7 +489,8 @@ class Stack(nn.Module):
         if layer.dropout and self.use_dropout:
           h = Dropout(layer.dropout)(h, deterministic=not train)
         conv = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
-                       padding=layer.padding, use_bias=layer.norm != 'bn', dtype=self.dtype)
+                       padding=layer.padding, use_bias=layer.norm != 'bn', dtype=self.dtype,
+                       conv_general_dilated=conv_general_dilated)
         h = nn.WeightNorm(conv)(h) if layer.norm == 'wn' else conv(h)
         if layer.norm == 'bn':
           h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)

@@ -273,3 +273,16 @@ def test_export_images_writes_a_folder_the_pipeline_reads(tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(path)),
                                   ((expected['image'][index, ..., 0] + 1) * 127.5).round())
     assert path.parent.name == str(expected['label'][index])
+
+
+def test_conv_gradients_times_both_input_gradients(tmp_path):
+  """experiments/conv_gradients.py: both ways give the same gradient, both are timed."""
+  result = subprocess.run(
+      [sys.executable, 'experiments/conv_gradients.py', '--repeats=1',
+       '--shapes=2x28x3x4,3x7x2x5', f'--output_dir={tmp_path}'], cwd=REPO, env=subprocess_env(),
+      capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads((tmp_path / 'conv_gradients.json').read_text())
+  for shape in ('2x28x28x3 -> 4', '3x7x7x2 -> 5'):
+    assert report[shape]['xla_ms'] > 0 and report[shape]['subpixel_ms'] > 0
+    assert report[shape]['max_relative_difference'] < 1e-5
