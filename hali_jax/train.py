@@ -206,26 +206,31 @@ def accumulate(averages: clu_metrics.Collection,
 # --------------------------------------------------------------------------------------------
 
 
-@jax.jit
-def count_skips(in_a_row: jax.Array, skipped: jax.Array) -> jax.Array:
-  """Skipped steps in a row, on the device (read at log steps only, so the loop never waits)."""
-  return jnp.where(skipped > 0, in_a_row + 1, 0)
+@functools.partial(jax.jit, static_argnums=3)
+def count_skips(skips: tuple[jax.Array, jax.Array], skipped: jax.Array, step: int,
+                limit: int) -> tuple[jax.Array, jax.Array]:
+  """(skipped steps in a row, the first step at which they numbered `limit`, else 0), on the
+  device: read at log steps only, so the loop never waits, and a run of skips that ended between
+  two log steps still counts."""
+  in_a_row, reached_at = skips
+  in_a_row = jnp.where(skipped > 0, in_a_row + 1, 0)
+  return in_a_row, jnp.where((reached_at == 0) & (in_a_row >= limit), step, reached_at)
 
 
 all_finite = jax.jit(step_lib.all_finite)
 
 
-def check_divergence(config, workdir: str, step: int, skips_in_a_row: int,
-                     last_checkpoint: int | None) -> None:
-  """UserError once config.max_consecutive_skips steps in a row were skipped."""
-  if skips_in_a_row < config.max_consecutive_skips:
+def check_divergence(config, workdir: str, reached_at: int, last_checkpoint: int | None) -> None:
+  """UserError if config.max_consecutive_skips steps in a row, ending at step `reached_at`, were
+  skipped (reached_at 0: never)."""
+  if not reached_at:
     return
   where = (f'the last good checkpoint is step {last_checkpoint} in {workdir}'
            if last_checkpoint is not None else 'no checkpoint was written before it')
-  raise UserError(f'Training diverged: steps {step - skips_in_a_row + 1} to {step} all had '
-                  f'non-finite losses or gradients and were skipped (config.max_consecutive_skips='
-                  f'{config.max_consecutive_skips}); {where}. Lower --config.optim.learning_rate '
-                  'and run again to resume from it.')
+  raise UserError(f'Training diverged: steps {reached_at - config.max_consecutive_skips + 1} to '
+                  f'{reached_at} all had non-finite losses or gradients and were skipped '
+                  f'(config.max_consecutive_skips={config.max_consecutive_skips}); {where}. '
+                  'Lower --config.optim.learning_rate and run again to resume from it.')
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     progress = writers.Progress(start_step, config.num_train_steps)
     out_of_time = time_limit(config.stop_after_minutes, config.log_every_steps)
     averages = None
-    skips_in_a_row = jnp.zeros((), jnp.int32)
+    skips = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
@@ -336,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       if averages is None:
         averages = metric_averages(step_metrics)
       averages = accumulate(averages, step_metrics)
-      skips_in_a_row = count_skips(skips_in_a_row, step_metrics['skipped'])
+      skips = count_skips(skips, step_metrics['skipped'], step, config.max_consecutive_skips)
       # The time limit ends a run as its last step would: logged, evaluated, saved.
       last = step == config.num_train_steps or out_of_time(step)
 
@@ -350,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
           logging.warning('Step %d: %.0f%% of the steps since the last report had non-finite '
                           'losses or gradients and were skipped.', step,
                           100 * scalars['skipped'])
-        check_divergence(config, workdir, step, int(skips_in_a_row), manager.latest_step())
+        check_divergence(config, workdir, int(skips[1]), manager.latest_step())
 
       if step % config.eval_every_steps == 0 or last:
         variables = {'params': state.params, 'batch_stats': state.batch_stats}

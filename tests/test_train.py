@@ -186,9 +186,14 @@ def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
     train.validate_config(tiny_config(stop_after_minutes=-1))
 
 
-def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path, monkeypatch):
-  """Every step after the checkpoint at 2 is non-finite: skipped, never saved, and the run stops
-  after config.max_consecutive_skips of them, naming the checkpoint to resume from."""
+@pytest.mark.parametrize('poisoned_steps, log_every_steps', [
+    (range(3, 9), 1),
+    ((3, 4, 5), 8)])  # The run of skips ends between two log steps; later steps are finite.
+def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path, monkeypatch,
+                                                              poisoned_steps, log_every_steps):
+  """Steps after the checkpoint at 2 are non-finite: skipped, never saved, and once
+  config.max_consecutive_skips of them came in a row the run stops at its next log step, naming
+  the checkpoint to resume from."""
   workdir = tmp_path / 'run'
   shutil.copytree(straight[0], workdir)
   shutil.rmtree(workdir / 'checkpoints' / '4')
@@ -198,17 +203,24 @@ def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path
 
   def poisoned(config, model, mesh):
     step = real(config, model, mesh)
-    return lambda state, batch: step(state, {**batch, 'image': batch['image'] * np.nan})
+
+    def poisoned_step(state, batch):
+      poison = np.nan if int(state.step) + 1 in poisoned_steps else 1.0
+      return step(state, {**batch, 'image': batch['image'] * poison})
+    return poisoned_step
 
   monkeypatch.setattr(methods, 'make_train_step', poisoned)
-  config = tiny_config(num_train_steps=8, max_consecutive_skips=3, checkpoint_every_steps=10)
+  config = tiny_config(num_train_steps=8, max_consecutive_skips=3, checkpoint_every_steps=10,
+                       log_every_steps=log_every_steps)
   with mock_tfds(MOCK_EXAMPLES), pytest.raises(
       UserError, match=r'steps 3 to 5 all had non-finite losses or gradients.*last good '
                        r'checkpoint is step 2'):
     train.train_and_evaluate(config, str(workdir))
   assert checkpoint.all_steps(workdir) == [2]
-  skipped = read_events(workdir)['train/skipped']
-  assert [skipped[s].simple_value for s in (3, 4, 5)] == [1.0, 1.0, 1.0]
+  skipped = {step: event.simple_value for step, event in
+             read_events(workdir)['train/skipped'].items()}
+  # Logged per step, or once at step 8: 3 of the 6 steps since the resume skipped.
+  assert skipped == ({3: 1.0, 4: 1.0, 5: 1.0} if log_every_steps == 1 else {8: 0.5})
 
 
 def damage(checkpoint_dir: Path, how: str) -> None:
