@@ -72,7 +72,8 @@ def _flat(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """DIR/config.json, with the defaults of fields added since it was written (each new field's
-  default keeps the behaviour of the code before it)."""
+  default keeps the behaviour of the code before it), checked by default_config.validate like a
+  config given on the command line."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise UserError(f'{workdir} holds no {CONFIG_FILE}: it is not the workdir of a training run '
@@ -87,7 +88,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return {**defaults, **{k: merge(defaults[k], v) if isinstance(v, dict) and isinstance(
         defaults.get(k), dict) else v for k, v in values.items()}}
 
-  return ml_collections.ConfigDict(merge(default_config.get_default_config().to_dict(), saved))
+  config = ml_collections.ConfigDict(merge(default_config.get_default_config().to_dict(), saved))
+  try:
+    default_config.validate(config)
+  except UserError as e:
+    raise UserError(f'{path}: {e}') from e
+  return config
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -100,14 +100,12 @@ def _settings(config: ml_collections.ConfigDict) -> dict:
   if not os.path.isdir(root):
     raise UserError(f'config.data_dir={config.data_dir} is not a directory: point it at your '
                     'folder of images.')
-  fraction = config.input.folder_test_fraction
-  if not 0 < fraction < 1:
-    raise UserError(f'config.input.folder_test_fraction={fraction} must be between 0 and 1, '
-                    'e.g. 0.05.')
   cache = config.input.cache_dir or os.path.join(os.path.expanduser('~'), '.cache', 'hali_jax',
                                                  'image_folders')
-  return dict(root=root, size=config.image_size, grey=bool(config.input.grey), seed=
-              config.input.folder_split_seed, test_fraction=fraction, cache=cache)
+  # The config was validated (train.validate_config, checkpoint.load_config): values in range.
+  return dict(root=root, size=config.image_size, grey=bool(config.input.grey),
+              seed=config.input.folder_split_seed,
+              test_fraction=config.input.folder_test_fraction, cache=cache)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Prepared:

@@ -84,9 +84,9 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   try:
     saved = checkpoint.load_config(workdir)
-  except UserError:
-    logging.warning('%s has checkpoints but no config.json; resuming without comparing configs.',
-                    workdir)
+  except UserError as e:
+    logging.warning('%s has checkpoints but no usable config.json (%s); resuming without '
+                    'comparing configs.', workdir, e)
   else:
     checkpoint.check_resumable(saved, config)
   if steps[-1] > config.num_train_steps:

@@ -305,6 +305,12 @@ def test_config_json_of_an_older_version_gets_the_new_fields_defaults(tmp_path):
   (tmp_path / 'config.json').write_text('{"model": ')
   with pytest.raises(UserError, match='config.json is not valid JSON'):
     checkpoint.load_config(str(tmp_path))
+  # Checked like a command-line config: a value out of range is named.
+  old['input']['folder_test_fraction'] = 1.5
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  with pytest.raises(UserError, match=r'config.json: config.input.folder_test_fraction=1.5 is '
+                                      r'not valid'):
+    checkpoint.load_config(str(tmp_path))
 
 
 def test_restore_errors(tmp_path):
