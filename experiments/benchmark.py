@@ -16,15 +16,23 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
     by it (steps/s), beside the device-resident number;
   * on a GPU, the peak device memory;
   * with --profile_steps=N, where the time goes: each XLA op kind's share of the op time summed
-    over N steps traced by jax.profiler (kind: the HLO op's name without its number).
+    over N steps traced by jax.profiler (kind: the HLO op's name without its number). On a CPU,
+    XLA's own convolutions (models.CPU_COMPILER_OPTIONS) run on a thread pool after their op
+    returns, so the trace holds only their dispatch: the shares are those of the other ops;
+  * with --time_convolutions, the convolutions' part: every convolution of the compiled train
+    step compiled and timed alone (its operands' shapes, window and compiler options), in
+    milliseconds per step and GFLOP/s by kind (forward, input gradient, weight gradient). Alone,
+    not beside the step's other ops: an estimate.
 The data comes from --config.data_dir as for training.
 """
 
 import collections
+import functools
 import glob
 import gzip
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -56,6 +64,8 @@ flags.DEFINE_integer('warmup_steps', 3, 'Untimed steps before the windows.')
 flags.DEFINE_integer('pipeline_batches', 50, 'Batches read to time the input pipeline.')
 flags.DEFINE_integer('profile_steps', 0, 'Steps traced by jax.profiler to report the share of '
                      'each op kind in the op time (0: no trace).')
+flags.DEFINE_bool('time_convolutions', False, 'Time each convolution of the compiled train step '
+                  'alone: milliseconds per step and GFLOP/s by kind.')
 FLAGS = flags.FLAGS
 
 
@@ -113,6 +123,56 @@ def op_time_shares(step_fn, state, batch) -> tuple[object, dict[str, float]]:
   return state, {kind: time_ / total for kind, time_ in totals.most_common()}
 
 
+# A convolution of compiled HLO text: operands, window, layout, and the jax op it
+# came from where XLA kept it ('transpose(' marks a gradient).
+_CONVOLUTION = re.compile(r'= \w+\[[\d,]*\]\{[\d,]*\} convolution\(%([\w.\-]+), %([\w.\-]+)\), '
+                          r'window=\{([^}]*)\}, dim_labels=([^\s,]+)'
+                          r'(?:, metadata=\{op_name="([^"]*)")?')
+_DEFINITION = re.compile(r'%([\w.\-]+) = (f32|bf16)\[([\d,]*)\]')
+
+
+def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
+  """Milliseconds per step and GFLOP/s by kind of a compiled program's convolutions, each
+  compiled and timed alone ('untimed': those not in NHWC form). One whose lhs batch is not one
+  of `images_per_pass` (the batch, D's doubled batch) is a weight gradient: its lhs batch is
+  the layer's input channels."""
+  shapes = {name: (dtype, tuple(int(d) for d in dims.split(',') if d))
+            for name, dtype, dims in _DEFINITION.findall(hlo_text)}
+  signatures, untimed = collections.Counter(), 0
+  for lhs, rhs, window, labels, op_name in _CONVOLUTION.findall(hlo_text):
+    fields = dict(field.split('=') for field in window.split())
+    if labels != 'b01f_01io->b01f' or not set(fields) <= {'size', 'stride', 'pad', 'lhs_dilate',
+                                                          'rhs_dilate'}:
+      untimed += 1
+      continue
+    kind = ('weight_gradient' if shapes[lhs][1][0] not in images_per_pass else
+            'input_gradient' if 'transpose(' in op_name else 'forward')
+    signatures[(shapes[lhs], shapes[rhs], window, kind)] += 1
+
+  pairs = lambda text: tuple(int(v) for v in text.split('x')) if text else (1, 1)
+  milliseconds, gflop = collections.Counter(), collections.Counter()
+  for ((dtype, lhs), (_, rhs), window, kind), count in signatures.items():
+    fields = dict(field.split('=') for field in window.split())
+    pads = [tuple(map(int, p.split('_'))) for p in fields.get('pad', '0_0x0_0').split('x')]
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, window_strides=pairs(fields.get('stride')), padding=pads,
+        lhs_dilation=pairs(fields.get('lhs_dilate')), rhs_dilation=pairs(fields.get('rhs_dilate')),
+        dimension_numbers=models._NHWC)
+    dtype = {'f32': jnp.float32, 'bf16': jnp.bfloat16}[dtype]
+    args = (jnp.ones(lhs, dtype), jnp.ones(rhs, dtype))
+    compiled = jax.jit(conv, compiler_options=models.compiler_options()).lower(*args).compile()
+    jax.block_until_ready(compiled(*args))
+    ms = 1e3 * statistics.median(timed(lambda: compiled(*args))[1] for _ in range(10))
+    cost = compiled.cost_analysis()
+    milliseconds[kind] += count * ms
+    gflop[kind] += count * (cost[0] if isinstance(cost, list) else cost)['flops'] / 1e9
+  report = {f'{kind}_ms': value for kind, value in milliseconds.items()}
+  report.update({f'{kind}_gflops': gflop[kind] / milliseconds[kind] * 1e3 for kind in gflop})
+  report['total_ms'] = sum(milliseconds.values())
+  report['untimed'] = untimed
+  return report
+
+
 def benchmark(config) -> dict:
   train.validate_config(config)
   mesh = train.create_mesh(config)
@@ -162,6 +222,10 @@ def benchmark(config) -> dict:
     report['matmul_peak_gflops_bf16'] = matmul_peak(jnp.bfloat16) / 1e9
   if FLAGS.profile_steps:
     state, report['op_time_shares'] = op_time_shares(step_compiled, state, batch)
+  if FLAGS.time_convolutions:
+    per_device = config.batch_size // mesh.size
+    report['convolutions_alone'] = convolution_times(step_compiled.as_text(),
+                                                     (per_device, 2 * per_device))
 
   # The input pipeline alone (host numpy batches), then feeding the step.
   host_stream = iter(input_pipeline.train_dataset(config, jax.process_index(),

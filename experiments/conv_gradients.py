@@ -1,13 +1,18 @@
-"""The input gradient of a stride-2 convolution: XLA's transposed convolution against
-`models._subpixel_input_gradient`, at the shapes of the configs' strided layers.
+"""How the CPU computes the configs' convolutions and their gradients, layer by layer: what
+`models.SUBPIXEL_MIN_SIDE` and `models.CPU_COMPILER_OPTIONS` are chosen from.
 
   python experiments/conv_gradients.py [--repeats=30] [--shapes=BxSIDExCINxCOUT,...]
-      [--output_dir=DIR]
+      [--library_shapes=BxSIDExCINxCOUT,...] [--output_dir=DIR]
 
-For each shape (batch, side, channels in -> out; 3x3 kernel, stride 2, 'SAME'), the median
-milliseconds of the jitted input gradient both ways, their ratio, and the largest difference
-between the two (relative to the gradient's largest entry). This is what `models.
-SUBPIXEL_MIN_SIDE` is chosen from; the train step's own before/after is experiments/benchmark.py's.
+--shapes (batch, side, channels in -> out; 3x3 kernel, stride 2, 'SAME'): the median
+milliseconds of the jitted input gradient as XLA's transposed convolution and as
+`models._subpixel_input_gradient`, their ratio, and the largest difference between the two
+(relative to the gradient's largest entry), both compiled as the train step is.
+
+--library_shapes (3x3, stride 1, 'SAME'): the median milliseconds of the forward convolution and
+of both its gradients, compiled with XLA's default options, which give
+convolutions to YNNPACK, and with models.CPU_COMPILER_OPTIONS, which keep them in XLA's own
+(Eigen) convolutions. The train step's own before/after is experiments/benchmark.py's.
 """
 
 import statistics
@@ -28,12 +33,18 @@ flags.DEFINE_integer('repeats', 30, 'Timed calls per measurement; the median is 
 flags.DEFINE_list('shapes', ['100x28x32x32', '200x28x32x32', '100x32x32x64', '200x32x32x64',
                              '100x14x4x64', '200x14x36x64', '200x16x128x128', '200x16x192x256',
                              '200x7x64x128', '200x8x256x512'], 'Shapes to measure.')
+# Stride-1 layers of configs/mnist.py:table4 (28x28, 14x14 with D's doubled batch, 4x4) and of
+# configs/cifar10.py (32x32, 16x16, 8x8).
+flags.DEFINE_list('library_shapes', ['100x28x32x32', '100x14x64x64', '200x14x64x48',
+                                     '100x4x256x256', '100x32x64x64', '200x16x128x128',
+                                     '100x8x256x256'],
+                  'Stride-1 shapes to measure with and without models.CPU_COMPILER_OPTIONS.')
 flags.DEFINE_string('output_dir', None, 'Where conv_gradients.md and .json go (optional).')
 FLAGS = flags.FLAGS
 
 
-def milliseconds(fn, *args) -> float:
-  fn = jax.jit(fn)
+def milliseconds(fn, *args, compiler_options) -> float:
+  fn = jax.jit(fn, compiler_options=compiler_options)
   jax.block_until_ready(fn(*args))
   times = []
   for _ in range(FLAGS.repeats):
@@ -54,10 +65,30 @@ def measure(batch: int, side: int, c_in: int, c_out: int) -> dict:
   xla = lambda dy: jax.vjp(conv, x)[1](dy)[0]
   subpixel = lambda dy: models._subpixel_input_gradient(dy, kernel, x.shape, (2, 2), pads)
   reference = xla(dy)
-  xla_ms, subpixel_ms = milliseconds(xla, dy), milliseconds(subpixel, dy)
+  options = models.compiler_options()  # As the train step is compiled.
+  xla_ms = milliseconds(xla, dy, compiler_options=options)
+  subpixel_ms = milliseconds(subpixel, dy, compiler_options=options)
   return dict(xla_ms=xla_ms, subpixel_ms=subpixel_ms, subpixel_over_xla=subpixel_ms / xla_ms,
               max_relative_difference=float(jnp.max(jnp.abs(subpixel(dy) - reference))
                                             / jnp.max(jnp.abs(reference))))
+
+
+def measure_libraries(batch: int, side: int, c_in: int, c_out: int) -> dict:
+  key_x, key_w = jax.random.split(jax.random.PRNGKey(0))
+  x = jax.random.normal(key_x, (batch, side, side, c_in))
+  kernel = jax.random.normal(key_w, (3, 3, c_in, c_out))
+  conv = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
+                                                        dimension_numbers=models._NHWC)
+  gradients = jax.grad(lambda x, kernel: jnp.sum(conv(x, kernel)), argnums=(0, 1))
+  report = {}
+  for name, options in (('xla_defaults', None), ('cpu_compiler_options',
+                                                 models.CPU_COMPILER_OPTIONS)):
+    report[f'forward_ms_{name}'] = milliseconds(conv, x, kernel, compiler_options=options)
+    report[f'gradients_ms_{name}'] = milliseconds(gradients, x, kernel, compiler_options=options)
+  gflop = 2 * batch * side * side * 9 * c_in * c_out / 1e9
+  report['forward_gflops_cpu_compiler_options'] = gflop / report[
+      'forward_ms_cpu_compiler_options'] * 1e3
+  return report
 
 
 def conv_gradients() -> dict:
@@ -66,6 +97,10 @@ def conv_gradients() -> dict:
   for shape in FLAGS.shapes:
     batch, side, c_in, c_out = map(int, shape.split('x'))
     report[f'{batch}x{side}x{side}x{c_in} -> {c_out}'] = measure(batch, side, c_in, c_out)
+  for shape in FLAGS.library_shapes:
+    batch, side, c_in, c_out = map(int, shape.split('x'))
+    report[f'stride 1, {batch}x{side}x{side}x{c_in} -> {c_out}'] = measure_libraries(
+        batch, side, c_in, c_out)
   return report
 
 

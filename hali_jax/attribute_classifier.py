@@ -33,6 +33,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from hali_jax import input_pipeline
+from hali_jax import models
 from hali_jax.errors import UserError
 
 METADATA = 'classifier.json'
@@ -82,8 +83,8 @@ class Classifier(NamedTuple):
     for start in range(0, len(images), batch_size):
       chunk = np.asarray(images[start:start + batch_size], np.float32)
       pad = batch_size - len(chunk)
-      logits, features = _apply(self.module, self.variables,
-                                np.pad(chunk, [(0, pad)] + [(0, 0)] * 3))
+      logits, features = _jitted_apply()(self.module, self.variables,
+                                         np.pad(chunk, [(0, pad)] + [(0, 0)] * 3))
       outputs.append((np.asarray(logits)[:len(chunk)], np.asarray(features)[:len(chunk)]))
     return np.concatenate([o[0] for o in outputs]), np.concatenate([o[1] for o in outputs])
 
@@ -96,9 +97,14 @@ class Classifier(NamedTuple):
     return self._apply(images)[1]
 
 
-@functools.partial(jax.jit, static_argnames='module')
 def _apply(module: VGG, variables: dict, images: jax.Array):
   return module.apply(variables, images, train=False)
+
+
+@functools.cache
+def _jitted_apply():
+  # Jitted at first use: compiler_options() asks for the backend, which an import must not start.
+  return jax.jit(_apply, static_argnums=0, compiler_options=models.compiler_options())
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def train(config: ml_collections.ConfigDict, width: float = 0.25, epochs: float 
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=models.compiler_options())
   def train_step(params, batch_stats, opt_state, images, targets, step):
     def loss_fn(params):
       (logits, _), updates = module.apply(

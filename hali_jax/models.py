@@ -436,9 +436,10 @@ def _strided_conv_bwd(strides, pads, residuals, dy):
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
-# Measured on a 2-core CPU (experiments/conv_gradients.py): at sides 28-32 the sub-pixel input
-# gradient takes 0.3-0.9 of XLA's time; at 14-16, 0.5-1.2; at 7-8, where XLA's generic path is
-# quick, 2.2-2.5 times as long.
+# Measured on a 2-core CPU (experiments/conv_gradients.py, with CPU_COMPILER_OPTIONS): at sides
+# 28-32 the sub-pixel input gradient takes 0.16-1.1 of XLA's time (0.16-0.28 for D's doubled
+# batch); at 14-16, 0.5-2.1; at 7-8, where XLA's generic path is quick, 2.3-2.5 times as long.
+# From side 16 instead, the CIFAR-10 step was no faster.
 SUBPIXEL_MIN_SIDE = 24
 
 
@@ -458,6 +459,22 @@ def conv_general_dilated(x, kernel, strides, padding, lhs_dilation=None, rhs_dil
   pads = (jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
           if isinstance(padding, str) else padding)
   return _strided_conv(x, kernel, tuple(strides), tuple(map(tuple, pads)))
+
+
+# XLA:CPU (jax 0.10) gives convolutions to YNNPACK by default, whose kernels took 0.9-1.9 times
+# as long as XLA's own (Eigen) convolutions on this project's layers, and 1.1-2.4 times on their
+# gradients; the train steps ran 19-30% faster without them (experiments/BENCHMARKS.md, "XLA's
+# CPU convolutions"). Matrix products and reductions stay with YNNPACK, as by default.
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
+
+
+def compiler_options(mesh=None) -> dict | None:
+  """jax.jit's compiler_options for a program that runs convolutions on `mesh`'s devices (default:
+  jax's default backend): CPU_COMPILER_OPTIONS on a CPU, none elsewhere."""
+  platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
+  return CPU_COMPILER_OPTIONS if platform == 'cpu' else None
 
 
 class ResBlock(nn.Module):

@@ -81,7 +81,8 @@ def encoder_features(model: models.HALI, variables: dict, images: np.ndarray,
   7.1 uses the inference network. One jitted program over batches of `batch_size`.
   """
   encode = jax.jit(lambda variables, x: [z.reshape(z.shape[0], -1)
-                                         for z in analysis.encode(model, variables, x)])
+                                         for z in analysis.encode(model, variables, x)],
+                   compiler_options=models.compiler_options())
   return analysis.map_in_batches(functools.partial(encode, variables), [images], batch_size)
 
 

@@ -168,9 +168,14 @@ def classify(model: models.HALI, classifier: Classifier, variables: dict,
   return jnp.argmax(classifier.apply({'params': params[CLASSIFIER]}, zs), -1)
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'classifier'))
 def _count_errors(model, classifier, variables, images, labels, valid):
   return jnp.sum((classify(model, classifier, variables, images) != labels) & valid)
+
+
+@functools.cache
+def _jitted_count_errors():
+  # Jitted at first use: compiler_options() asks for the backend, which an import must not start.
+  return jax.jit(_count_errors, static_argnums=(0, 1), compiler_options=models.compiler_options())
 
 
 def test_errors(model: models.HALI, classifier: Classifier, variables: dict, images: np.ndarray,
@@ -187,5 +192,6 @@ def test_errors(model: models.HALI, classifier: Classifier, variables: dict, ima
     pad = batch_size - len(y)
     valid = np.arange(batch_size) < len(y)
     x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    errors += _count_errors(model, classifier, variables, x, np.pad(y, (0, pad)), valid)
+    errors += _jitted_count_errors()(model, classifier, variables, x, np.pad(y, (0, pad)),
+                                     valid)
   return int(errors)

@@ -215,7 +215,8 @@ def make_sharded_train_step(model, tx_g, tx_d, mesh, update: str = 'simultaneous
   step = functools.partial(train_step, model=model, tx_g=tx_g, tx_d=tx_d, update=update,
                            generator_term=generator_term)
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0)
+                 out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
+                 compiler_options=models.compiler_options(mesh))
 
 
 def put_batch(batch: dict, mesh) -> dict:

@@ -253,7 +253,8 @@ def make_evaluate(model: models.HALI, mesh, num_samples: int) -> Callable:
               for l, x_hat in zip(levels, reconstructions)}
     return errors, reconstructions, analysis.sample(model, variables, key, num_samples)
 
-  return jax.jit(evaluate, out_shardings=step_lib.replicated(mesh))
+  return jax.jit(evaluate, out_shardings=step_lib.replicated(mesh),
+                 compiler_options=models.compiler_options(mesh))
 
 
 def make_test_errors(config: ml_collections.ConfigDict,

@@ -220,11 +220,11 @@ def test_mnist_study_end_to_end(tmp_path):
 
 
 def test_benchmark_reports_every_measure(tmp_path):
-  result = subprocess.run(
+  result = subprocess.run(  # A batch of 10: no layer of the tiny config has 10 or 20 channels.
       [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
-       f'--output_dir={tmp_path / "bench"}', '--windows=2', '--window_steps=2',
-       '--pipeline_batches=2', '--profile_steps=1'], cwd=REPO, env=mock_data_env(tmp_path),
-      capture_output=True, text=True, timeout=600)
+       '--config.batch_size=10', f'--output_dir={tmp_path / "bench"}', '--windows=2',
+       '--window_steps=2', '--pipeline_batches=2', '--profile_steps=1', '--time_convolutions'],
+      cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]
   report = json.loads((tmp_path / 'bench' / 'benchmark.json').read_text())
   assert set(report['compile_seconds']) == {'init_state', 'train_step', 'evaluate',
@@ -233,11 +233,17 @@ def test_benchmark_reports_every_measure(tmp_path):
   for key in ('steps_per_sec', 'images_per_sec', 'gflop_per_step', 'achieved_gflops',
               'matmul_peak_gflops_f32', 'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'):
     assert report[key] > 0, key
-  assert report['images_per_sec'] == pytest.approx(8 * report['steps_per_sec'])
+  assert report['images_per_sec'] == pytest.approx(10 * report['steps_per_sec'])
   assert report['device'] and report['jax'] == jax.__version__
   shares = report['op_time_shares']  # The step's own ops: convolutions among them.
   assert sum(shares.values()) == pytest.approx(1)
   assert any('convolution' in kind or 'fusion' in kind for kind in shares), shares
+  convolutions = report['convolutions_alone']  # Every layer's forward pass and both gradients.
+  assert convolutions['untimed'] == 0
+  kinds = ('forward', 'input_gradient', 'weight_gradient')
+  assert all(convolutions[f'{kind}_ms'] > 0 and convolutions[f'{kind}_gflops'] > 0
+             for kind in kinds), convolutions
+  assert convolutions['total_ms'] == pytest.approx(sum(convolutions[f'{k}_ms'] for k in kinds))
   table = (tmp_path / 'bench' / 'benchmark.md').read_text()
   assert '| steps_per_sec |' in table and '| op_time_shares.' in table
 
@@ -275,14 +281,18 @@ def test_export_images_writes_a_folder_the_pipeline_reads(tmp_path):
     assert path.parent.name == str(expected['label'][index])
 
 
-def test_conv_gradients_times_both_input_gradients(tmp_path):
-  """experiments/conv_gradients.py: both ways give the same gradient, both are timed."""
+def test_conv_gradients_times_both_input_gradients_and_both_compilations(tmp_path):
+  """experiments/conv_gradients.py: both input gradients agree and are timed; stride-1 layers are
+  timed compiled with XLA's defaults and with models.CPU_COMPILER_OPTIONS."""
   result = subprocess.run(
       [sys.executable, 'experiments/conv_gradients.py', '--repeats=1',
-       '--shapes=2x28x3x4,3x7x2x5', f'--output_dir={tmp_path}'], cwd=REPO, env=subprocess_env(),
-      capture_output=True, text=True, timeout=300)
+       '--shapes=2x28x3x4,3x7x2x5', '--library_shapes=2x8x3x4', f'--output_dir={tmp_path}'],
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / 'conv_gradients.json').read_text())
   for shape in ('2x28x28x3 -> 4', '3x7x7x2 -> 5'):
     assert report[shape]['xla_ms'] > 0 and report[shape]['subpixel_ms'] > 0
     assert report[shape]['max_relative_difference'] < 1e-5
+  assert sorted(report['stride 1, 2x8x8x3 -> 4']) == [
+      'forward_gflops_cpu_compiler_options', 'forward_ms_cpu_compiler_options',
+      'forward_ms_xla_defaults', 'gradients_ms_cpu_compiler_options', 'gradients_ms_xla_defaults']

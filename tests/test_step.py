@@ -1,6 +1,7 @@
 """Algorithm 1's sharded train step: gradients, determinism, depths, sharding, errors."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -311,3 +312,26 @@ def test_bfloat16_computation_agrees_with_float32_after_a_step(two_level):
       jax.tree.leaves(new.params), jax.tree.leaves(state32.params))])
   same_update = np.isclose(moved(new16), moved(new32), rtol=0, atol=1e-6)
   assert same_update.mean() > 0.9, same_update.mean()
+
+
+def _convolutions(compiled_text: str) -> tuple[int, int]:
+  """(all convolutions, those inside YNNPACK fusions) of a compiled CPU program's HLO text."""
+  bodies = dict(re.findall(r'^%(\S+) [^\n]*\{\n(.*?)\n\}', compiled_text, re.S | re.M))
+  ynn = re.findall(r'calls=%([\w.\-]+)[^\n]*"__ynn_fusion"', compiled_text)
+  return (compiled_text.count(' convolution('),
+          sum(bodies[name].count(' convolution(') for name in ynn))
+
+
+def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
+  """models.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
+  every layer, where XLA would give them to its slower YNNPACK kernels by default."""
+  mesh = step_lib.make_mesh(jax.devices()[:1])
+  model, state, _ = make_trainer(tiny_config(), mesh)
+  batch = step_lib.put_batch(batches(1)[0], mesh)
+  compiled = lambda: step_lib.make_sharded_train_step(
+      model, optax.adam(1e-3), optax.adam(1e-3), mesh).lower(state, batch).compile().as_text()
+  total, in_ynn = _convolutions(compiled())  # Forward, input and weight gradients of each layer.
+  assert total >= 30 and in_ynn == 0, (total, in_ynn)
+  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', None)  # XLA's defaults.
+  total, in_ynn = _convolutions(compiled())
+  assert in_ynn >= 30, (total, in_ynn)
