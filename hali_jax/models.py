@@ -18,6 +18,7 @@ import functools
 import math
 from typing import Any, NamedTuple, Sequence, Union
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -472,9 +473,25 @@ CPU_COMPILER_OPTIONS = {
 
 def compiler_options(mesh=None) -> dict | None:
   """jax.jit's compiler_options for a program that runs convolutions on `mesh`'s devices (default:
-  jax's default backend): CPU_COMPILER_OPTIONS on a CPU, none elsewhere."""
+  jax's default backend): CPU_COMPILER_OPTIONS on a CPU whose XLA accepts them, else none."""
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-  return CPU_COMPILER_OPTIONS if platform == 'cpu' else None
+  if platform != 'cpu' or not CPU_COMPILER_OPTIONS:
+    return None
+  return CPU_COMPILER_OPTIONS if _xla_cpu_accepts(tuple(CPU_COMPILER_OPTIONS.items())) else None
+
+
+@functools.cache
+def _xla_cpu_accepts(options: tuple) -> bool:
+  # An option another jaxlib renamed or dropped must slow the convolutions, not stop the run.
+  try:
+    jax.jit(jnp.negative, compiler_options=dict(options)).lower(
+        jax.ShapeDtypeStruct((), jnp.float32)).compile()
+    return True
+  except jax.errors.JaxRuntimeError as e:
+    logging.warning('XLA:CPU refused models.CPU_COMPILER_OPTIONS %s (%s); compiling with its '
+                    'defaults, whose convolutions are slower here.', dict(options),
+                    str(e).splitlines()[0])
+    return False
 
 
 class ResBlock(nn.Module):

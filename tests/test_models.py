@@ -331,3 +331,13 @@ def test_networks_take_the_subpixel_input_gradient_from_side_24():
   variables = stack.init(jax.random.PRNGKey(0), x, train=False)
   grad = jax.grad(lambda x: jnp.sum(stack.apply(variables, x, train=False)))
   assert 'lhs_dilate = [2, 2]' not in jax.jit(grad).lower(x).as_text()
+
+
+def test_compiler_options_are_for_cpus_whose_xla_accepts_them(monkeypatch):
+  """An option this jaxlib does not know (renamed in another version) falls back to XLA's defaults
+  rather than failing every compilation."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('options for XLA:CPU')
+  assert models.compiler_options() == models.CPU_COMPILER_OPTIONS
+  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': 'x'})
+  assert models.compiler_options() is None

@@ -325,6 +325,8 @@ def _convolutions(compiled_text: str) -> tuple[int, int]:
 def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
   """models.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
   every layer, where XLA would give them to its slower YNNPACK kernels by default."""
+  if jax.default_backend() != 'cpu':
+    pytest.skip('options for XLA:CPU')
   mesh = step_lib.make_mesh(jax.devices()[:1])
   model, state, _ = make_trainer(tiny_config(), mesh)
   batch = step_lib.put_batch(batches(1)[0], mesh)
