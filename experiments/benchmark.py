@@ -21,8 +21,8 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
     returns, so the trace holds only their dispatch: the shares are those of the other ops;
   * with --time_convolutions, the convolutions' part: every convolution of the compiled train
     step compiled and timed alone (its operands' shapes, window and compiler options), in
-    milliseconds per step and GFLOP/s by kind (forward, input gradient, weight gradient). Alone,
-    not beside the step's other ops: an estimate.
+    milliseconds per step and GFLOP/s by kind (forward, input gradient, weight gradient), and by
+    network for the first two. Alone, not beside the step's other ops: an estimate.
 The data comes from --config.data_dir as for training.
 """
 
@@ -133,9 +133,10 @@ _DEFINITION = re.compile(r'%([\w.\-]+) = (f32|bf16)\[([\d,]*)\]')
 
 def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
   """Milliseconds per step and GFLOP/s by kind of a compiled program's convolutions, each
-  compiled and timed alone ('untimed': those not in NHWC form). One whose lhs batch is not one
-  of `images_per_pass` (the batch, D's doubled batch) is a weight gradient: its lhs batch is
-  the layer's input channels."""
+  compiled and timed alone ('untimed': those not in NHWC form), and the forward and input-gradient
+  milliseconds by network (XLA keeps no jax op name on the weight gradients). One whose lhs batch
+  is not one of `images_per_pass` (the batch, D's doubled batch) is a weight gradient: its lhs
+  batch is the layer's input channels."""
   shapes = {name: (dtype, tuple(int(d) for d in dims.split(',') if d))
             for name, dtype, dims in _DEFINITION.findall(hlo_text)}
   signatures, untimed = collections.Counter(), 0
@@ -147,11 +148,12 @@ def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
       continue
     kind = ('weight_gradient' if shapes[lhs][1][0] not in images_per_pass else
             'input_gradient' if 'transpose(' in op_name else 'forward')
-    signatures[(shapes[lhs], shapes[rhs], window, kind)] += 1
+    network = next((n for n in ('discriminator', 'encoder', 'decoder') if n in op_name), None)
+    signatures[(shapes[lhs], shapes[rhs], window, kind, network)] += 1
 
   pairs = lambda text: tuple(int(v) for v in text.split('x')) if text else (1, 1)
   milliseconds, gflop = collections.Counter(), collections.Counter()
-  for ((dtype, lhs), (_, rhs), window, kind), count in signatures.items():
+  for ((dtype, lhs), (_, rhs), window, kind, network), count in signatures.items():
     fields = dict(field.split('=') for field in window.split())
     pads = [tuple(map(int, p.split('_'))) for p in fields.get('pad', '0_0x0_0').split('x')]
     conv = functools.partial(
@@ -165,10 +167,12 @@ def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
     ms = 1e3 * statistics.median(timed(lambda: compiled(*args))[1] for _ in range(10))
     cost = compiled.cost_analysis()
     milliseconds[kind] += count * ms
+    if network and kind != 'weight_gradient':
+      milliseconds[f'{network}.{kind}'] += count * ms
     gflop[kind] += count * (cost[0] if isinstance(cost, list) else cost)['flops'] / 1e9
   report = {f'{kind}_ms': value for kind, value in milliseconds.items()}
   report.update({f'{kind}_gflops': gflop[kind] / milliseconds[kind] * 1e3 for kind in gflop})
-  report['total_ms'] = sum(milliseconds.values())
+  report['total_ms'] = sum(milliseconds[kind] for kind in gflop)
   report['untimed'] = untimed
   return report
 

@@ -244,6 +244,10 @@ def test_benchmark_reports_every_measure(tmp_path):
   assert all(convolutions[f'{kind}_ms'] > 0 and convolutions[f'{kind}_gflops'] > 0
              for kind in kinds), convolutions
   assert convolutions['total_ms'] == pytest.approx(sum(convolutions[f'{k}_ms'] for k in kinds))
+  for kind in kinds[:2]:  # Each network's share, where XLA kept the jax op's name.
+    assert convolutions[f'{kind}_ms'] == pytest.approx(sum(
+        convolutions[f'{network}.{kind}_ms']
+        for network in ('discriminator', 'encoder', 'decoder'))), convolutions
   table = (tmp_path / 'bench' / 'benchmark.md').read_text()
   assert '| steps_per_sec |' in table and '| op_time_shares.' in table
 
