@@ -133,17 +133,17 @@ _DEFINITION = re.compile(r'%([\w.\-]+) = (f32|bf16)\[([\d,]*)\]')
 
 def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
   """Milliseconds per step and GFLOP/s by kind of a compiled program's convolutions, each
-  compiled and timed alone ('untimed': those not in NHWC form), and the forward and input-gradient
-  milliseconds by network (XLA keeps no jax op name on the weight gradients). One whose lhs batch
-  is not one of `images_per_pass` (the batch, D's doubled batch) is a weight gradient: its lhs
-  batch is the layer's input channels."""
+  compiled and timed alone ('untimed': those not in NHWC float form), and the forward and
+  input-gradient milliseconds by network (XLA keeps no jax op name on the weight gradients). One
+  whose lhs batch is not one of `images_per_pass` (the batch, D's doubled batch) is a weight
+  gradient: its lhs batch is the layer's input channels."""
   shapes = {name: (dtype, tuple(int(d) for d in dims.split(',') if d))
             for name, dtype, dims in _DEFINITION.findall(hlo_text)}
   signatures, untimed = collections.Counter(), 0
   for lhs, rhs, window, labels, op_name in _CONVOLUTION.findall(hlo_text):
     fields = dict(field.split('=') for field in window.split())
-    if labels != 'b01f_01io->b01f' or not set(fields) <= {'size', 'stride', 'pad', 'lhs_dilate',
-                                                          'rhs_dilate'}:
+    if (labels != 'b01f_01io->b01f' or lhs not in shapes or rhs not in shapes
+        or not set(fields) <= {'size', 'stride', 'pad', 'lhs_dilate', 'rhs_dilate'}):
       untimed += 1
       continue
     kind = ('weight_gradient' if shapes[lhs][1][0] not in images_per_pass else

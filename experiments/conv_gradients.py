@@ -10,9 +10,9 @@ milliseconds of the jitted input gradient as XLA's transposed convolution and as
 (relative to the gradient's largest entry), both compiled as the train step is.
 
 --library_shapes (3x3, stride 1, 'SAME'): the median milliseconds of the forward convolution and
-of both its gradients, compiled with XLA's default options, which give
-convolutions to YNNPACK, and with models.CPU_COMPILER_OPTIONS, which keep them in XLA's own
-(Eigen) convolutions. The train step's own before/after is experiments/benchmark.py's.
+of both its gradients, compiled with XLA's default options (convolutions in YNNPACK) and with
+models.CPU_COMPILER_OPTIONS (XLA's own, Eigen, convolutions). The train step's own before/after
+is experiments/benchmark.py's.
 """
 
 import statistics

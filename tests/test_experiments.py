@@ -297,6 +297,8 @@ def test_conv_gradients_times_both_input_gradients_and_both_compilations(tmp_pat
   for shape in ('2x28x28x3 -> 4', '3x7x7x2 -> 5'):
     assert report[shape]['xla_ms'] > 0 and report[shape]['subpixel_ms'] > 0
     assert report[shape]['max_relative_difference'] < 1e-5
-  assert sorted(report['stride 1, 2x8x8x3 -> 4']) == [
+  layer = report['stride 1, 2x8x8x3 -> 4']
+  assert sorted(layer) == [
       'forward_gflops_cpu_compiler_options', 'forward_ms_cpu_compiler_options',
       'forward_ms_xla_defaults', 'gradients_ms_cpu_compiler_options', 'gradients_ms_xla_defaults']
+  assert all(value > 0 for value in layer.values()), layer
