@@ -475,7 +475,7 @@ def compiler_options(mesh=None) -> dict | None:
   """jax.jit's compiler_options for a program that runs convolutions on `mesh`'s devices (default:
   jax's default backend): CPU_COMPILER_OPTIONS on a CPU whose XLA accepts them, else none."""
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
-  if platform != 'cpu' or not CPU_COMPILER_OPTIONS:
+  if platform != 'cpu':
     return None
   return CPU_COMPILER_OPTIONS if _xla_cpu_accepts(tuple(CPU_COMPILER_OPTIONS.items())) else None
 

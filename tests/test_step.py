@@ -334,6 +334,6 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
       model, optax.adam(1e-3), optax.adam(1e-3), mesh).lower(state, batch).compile().as_text()
   total, in_ynn = _convolutions(compiled())  # Forward, input and weight gradients of each layer.
   assert total >= 30 and in_ynn == 0, (total, in_ynn)
-  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', None)  # XLA's defaults.
+  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {})  # XLA's defaults.
   total, in_ynn = _convolutions(compiled())
   assert in_ynn >= 30, (total, in_ynn)
