@@ -494,6 +494,35 @@ def _xla_cpu_accepts(options: tuple) -> bool:
     return False
 
 
+# The collections of the probes that `Discriminator(shared_backward=True)` sows: the cotangent
+# given to each is, per example, the scale of its parameters' cotangents (WEIGHT_PROBES) or of
+# its inputs' (INPUT_PROBES).
+WEIGHT_PROBES = 'discriminator_weight_probes'
+INPUT_PROBES = 'discriminator_input_probes'
+
+
+@jax.custom_vjp
+def fork_cotangent(y, y_scaled):
+  """(y, probe): y's value (y_scaled must equal it), and a probe of zeros, one per example.
+
+  In the backward pass y gets the output's cotangent dy, and y_scaled gets dy times the probe's
+  cotangent, per example (along the leading axis).
+  """
+  return y, jnp.zeros(y.shape[:1], jnp.float32)
+
+
+def _fork_cotangent_fwd(y, y_scaled):
+  return fork_cotangent(y, y_scaled), None
+
+
+def _fork_cotangent_bwd(_, cotangents):
+  dy, scale = cotangents
+  return dy, dy * scale.reshape((-1,) + (1,) * (dy.ndim - 1)).astype(dy.dtype)
+
+
+fork_cotangent.defvjp(_fork_cotangent_fwd, _fork_cotangent_bwd)
+
+
 class ResBlock(nn.Module):
   features: int
   slope: float
@@ -510,14 +539,19 @@ class ResBlock(nn.Module):
 
 
 class Stack(nn.Module):
-  """Applies a list of layer specs. Batch norm uses batch statistics iff `train`; dropout iff `train`."""
+  """Applies a list of layer specs. Batch norm uses batch statistics iff `train`; dropout iff `train`.
+
+  With `shared_backward` (the discriminator's, see `Discriminator`), every convolution's
+  parameters take their cotangent through `fork_cotangent`, scaled per example by the
+  cotangent of the probe sown in WEIGHT_PROBES.
+  """
   layers: Sequence[Layer]
   slope: float
   use_dropout: bool = True
   dtype: str = 'float32'  # Of the computations; parameters are float32.
 
   @nn.compact
-  def __call__(self, h, *, train: bool):
+  def __call__(self, h, *, train: bool, shared_backward: bool = False):
     for layer in self.layers:
       if isinstance(layer, Conv):
         if layer.dropout and self.use_dropout:
@@ -525,7 +559,17 @@ class Stack(nn.Module):
         conv = nn.Conv(layer.features, (layer.kernel, layer.kernel), strides=layer.stride,
                        padding=layer.padding, use_bias=layer.norm != 'bn', dtype=self.dtype,
                        conv_general_dilated=conv_general_dilated)
-        h = nn.WeightNorm(conv)(h) if layer.norm == 'wn' else conv(h)
+        conv = nn.WeightNorm(conv) if layer.norm == 'wn' else conv
+        if shared_backward:
+          # The same convolution twice (XLA computes it once): the input's cotangent from the
+          # call with the parameters held fixed, the parameters' from the call on a fixed input.
+          fixed_params = nn.map_variables(
+              lambda module, h: module(h), 'params', init=self.is_initializing(),
+              trans_in_fn=lambda variables: jax.tree.map(jax.lax.stop_gradient, variables))
+          h, probe = fork_cotangent(fixed_params(conv, h), conv(jax.lax.stop_gradient(h)))
+          self.sow(WEIGHT_PROBES, 'probe', probe, init_fn=lambda: 0, reduce_fn=jnp.add)
+        else:
+          h = conv(h)
         if layer.norm == 'bn':
           h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
         h = _activation(layer.act, self.slope)(h)
@@ -654,24 +698,46 @@ class Discriminator(nn.Module):
   """D(x, z_1, ..., z_L) on the full joint, Table 4: one stack per level, concatenated stage by stage.
 
   Returns (logit, embedding): the embedding is the penultimate layer, the D-bar of eq. 8.
+
+  `shared_backward=True` prepares one backward pass to serve both of Algorithm 1's losses
+  (step.train_step's simultaneous update). D has no batch norm, so each logit depends on its own
+  example alone, and under any loss the cotangent of an example's D activations is that loss's
+  derivative at its logit times the cotangent from a unit one. Pulled back from unit logit
+  cotangents, with the cotangents of the probes sown in WEIGHT_PROBES set to dL_d/dlogit and
+  those in INPUT_PROBES to dL_g/dlogit (per example), D's parameters get exactly grad L_d and
+  D's inputs exactly the cotangents of L_g: D's backward-data pass runs once instead of twice.
   """
   arch: Architecture
   slope: float
   use_dropout: bool = True
 
   @nn.compact
-  def __call__(self, x, zs: Sequence[jax.Array], *, train: bool):
-    stack = lambda layers, name: Stack(layers, self.slope, self.use_dropout,
-                                       self.arch.compute_dtype, name=name)
-    h = stack(self.arch.disc_stages[0], 'stage_0')(x, train=train)
+  def __call__(self, x, zs: Sequence[jax.Array], *, train: bool, shared_backward: bool = False):
+    stack = lambda layers, name: functools.partial(
+        Stack(layers, self.slope, self.use_dropout, self.arch.compute_dtype, name=name),
+        train=train, shared_backward=shared_backward)
+    if shared_backward:
+      layers = [l for stage in self.arch.disc_stages for l in stage] + [*self.arch.disc_joint,
+                                                                         self.arch.disc_logit]
+      if any(isinstance(l, Res) or getattr(l, 'norm', None) == 'bn' for l in layers):
+        raise ValueError('shared_backward needs a discriminator without batch norm, whose '
+                         'examples do not interact.')
+      # The inputs' cotangents, scaled per example (a fork with no data path).
+      x, *zs = [self._scaled_input(v) for v in [x, *zs]]
+    h = stack(self.arch.disc_stages[0], 'stage_0')(x)
     for l, z in enumerate(zs, start=1):
       h = jnp.concatenate([h, _as_grid(z)], axis=-1)
       if l < len(zs):
-        h = stack(self.arch.disc_stages[l], f'stage_{l}')(h, train=train)
-    embedding = stack(self.arch.disc_joint, 'joint')(h, train=train)
-    logit = stack((self.arch.disc_logit,), 'logit')(embedding, train=train)
+        h = stack(self.arch.disc_stages[l], f'stage_{l}')(h)
+    embedding = stack(self.arch.disc_joint, 'joint')(h)
+    logit = stack((self.arch.disc_logit,), 'logit')(embedding)
     return (logit.reshape(-1).astype(jnp.float32),
             embedding.reshape(embedding.shape[0], -1).astype(jnp.float32))
+
+  def _scaled_input(self, v):
+    v, probe = fork_cotangent(jax.lax.stop_gradient(v), v)
+    self.sow(INPUT_PROBES, 'probe', probe, init_fn=lambda: 0, reduce_fn=jnp.add)
+    return v
 
 
 def key_names(num_levels: int) -> tuple[str, ...]:
@@ -702,7 +768,8 @@ class HALI(nn.Module):
   def _noisy(self, v, key):
     return v + self.input_noise_std * jax.random.normal(key, v.shape, v.dtype)
 
-  def __call__(self, x, keys: dict[str, jax.Array], *, train: bool = True):
+  def __call__(self, x, keys: dict[str, jax.Array], *, train: bool = True,
+               shared_backward: bool = False):
     """Algorithm 1's inner loop for a minibatch x.
 
     Encoder joint: z_hat_0 = x, z_hat_l ~ q(z_l | z_hat_{l-1}). Decoder joint: z_L ~ p(z) = N(0, I),
@@ -712,6 +779,7 @@ class HALI(nn.Module):
     (hali_jax/analysis.py) encodes clean x with them, since the paper adds the noise at training
     as a regulariser, like dropout (tests/test_step.py pins this). Returns a dict with the logits
     rho_q (encoder side, 'real' for D) and rho_p (decoder side), and both joints.
+    `shared_backward`: D's probes for one backward pass of both losses (see `Discriminator`).
     """
     L = self.arch.num_levels
     enc_keys = [keys[f'encoder_{l}'] for l in range(1, L + 1)]
@@ -726,7 +794,8 @@ class HALI(nn.Module):
     # each of the 2 * (L + 1) inputs gets its own noise.
     noise_keys = jax.random.split(keys['discriminator_noise'], L + 1)
     joint = [self._noisy(jnp.concatenate([q, p]), k) for q, p, k in zip(q_joint, p_joint, noise_keys)]
-    logits, _ = self.discriminator(joint[0], joint[1:], train=train)
+    logits, _ = self.discriminator(joint[0], joint[1:], train=train,
+                                   shared_backward=shared_backward)
     logits_q, logits_p = jnp.split(logits, 2)
     return dict(logits_q=logits_q, logits_p=logits_p, q_joint=q_joint, p_joint=p_joint,
                 q_levels=q_levels)

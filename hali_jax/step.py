@@ -144,30 +144,48 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   """
   keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
   g_params, d_params = split_params(state.params)
+  probes = (models.WEIGHT_PROBES, models.INPUT_PROBES)
 
-  def forward(g_params, d_params):
+  def forward(g_params, d_params, shared_backward=False):
     variables = {'params': {**g_params, DISCRIMINATOR: d_params}, 'batch_stats': state.batch_stats}
     out, updates = model.apply(variables, batch['image'], keys, train=True,
-                               rngs={'dropout': keys['dropout']}, mutable=['batch_stats'])
-    return (out['logits_q'], out['logits_p']), updates['batch_stats']
+                               rngs={'dropout': keys['dropout']}, shared_backward=shared_backward,
+                               mutable=['batch_stats', *(probes if shared_backward else ())])
+    logits = (out['logits_q'], out['logits_p'])
+    if shared_backward:
+      return (logits, {name: updates[name] for name in probes}), updates['batch_stats']
+    return logits, updates['batch_stats']
 
   loss_d_fn = lambda logits: losses.discriminator_loss(*logits)
   loss_g_fn = lambda logits: losses.generator_loss(*logits)
 
-  # One forward pass, two backward passes (pullbacks of each loss's gradient wrt the logits).
-  logits, pullback, batch_stats = jax.vjp(forward, g_params, d_params, has_aux=True)
-  loss_d, dlogits_d = jax.value_and_grad(loss_d_fn)(logits)
-  _, grads_d = pullback(dlogits_d)
-  updates_d, opt_state_d = tx_d.update(grads_d, state.opt_state_d, d_params)
-  new_d_params = optax.apply_updates(d_params, updates_d)
-  if update == 'sequential':
+  def step_d(grads_d):
+    updates_d, opt_state_d = tx_d.update(grads_d, state.opt_state_d, d_params)
+    return optax.apply_updates(d_params, updates_d), opt_state_d
+
+  if update == 'simultaneous':
+    # One forward pass and one backward pass for both losses (models.Discriminator): unit
+    # cotangents at the logits, each loss's derivative per example at the probes.
+    (logits, sown), pullback, batch_stats = jax.vjp(
+        functools.partial(forward, shared_backward=True), g_params, d_params, has_aux=True)
+    loss_d, dlogits_d = jax.value_and_grad(loss_d_fn)(logits)
+    loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits)
+    per_example = {models.WEIGHT_PROBES: jnp.concatenate(dlogits_d),
+                   models.INPUT_PROBES: jnp.concatenate(dlogits_g)}
+    grads_g, grads_d = pullback((jax.tree.map(jnp.ones_like, logits),
+                                 {name: jax.tree.map(lambda _: per_example[name], sown[name])
+                                  for name in probes}))
+    new_d_params, opt_state_d = step_d(grads_d)
+  elif update == 'sequential':
+    # D steps first; G's gradient is then taken through the updated D on the same samples.
+    logits, pullback, batch_stats = jax.vjp(forward, g_params, d_params, has_aux=True)
+    loss_d, dlogits_d = jax.value_and_grad(loss_d_fn)(logits)
+    _, grads_d = pullback(dlogits_d)
+    new_d_params, opt_state_d = step_d(grads_d)
     logits_g, pullback, batch_stats = jax.vjp(lambda g: forward(g, new_d_params), g_params,
                                               has_aux=True)
     loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits_g)
     grads_g, = pullback(dlogits_g)
-  elif update == 'simultaneous':
-    loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits)
-    grads_g, _ = pullback(dlogits_g)
   else:
     raise UserError(f"config.optim.update_order must be 'simultaneous' or 'sequential', got {update!r}.")
   term_metrics = {}

@@ -341,3 +341,81 @@ def test_compiler_options_are_for_cpus_whose_xla_accepts_them(monkeypatch):
   assert models.compiler_options() == models.CPU_COMPILER_OPTIONS
   monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': 'x'})
   assert models.compiler_options() is None
+
+
+def test_fork_cotangent_splits_the_cotangent_per_example():
+  """Hand-computed: the value is y's; y gets the cotangent w, y_scaled gets w times the probe's
+  cotangent c, row by row (zero and negative scales included)."""
+  y = jnp.arange(6.0).reshape(3, 2)
+  w = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+  c = jnp.array([10.0, -1.0, 0.0])
+
+  def f(y, y_scaled):
+    out, probe = models.fork_cotangent(y, y_scaled)
+    return jnp.sum(w * out) + jnp.sum(c * probe)
+
+  out, probe = models.fork_cotangent(y, y + 0)
+  np.testing.assert_array_equal(out, y)
+  np.testing.assert_array_equal(probe, np.zeros(3))
+  value, (dy, dy_scaled) = jax.value_and_grad(f, argnums=(0, 1))(y, y)
+  assert float(value) == 70.0  # sum(w * y)
+  np.testing.assert_array_equal(dy, w)
+  np.testing.assert_array_equal(dy_scaled, [[10.0, 20.0], [-3.0, -4.0], [0.0, 0.0]])
+
+
+@pytest.mark.parametrize('num_levels,dropout_rates', [(1, 'table'), (2, 'text'), (3, 'table')])
+def test_discriminators_one_backward_pass_serves_two_losses(num_levels, dropout_rates):
+  """Discriminator(shared_backward=True): the same parameters and logits; pulled back from unit
+  logit cotangents with per-example scales a at the weight probes and b at the input probes, its
+  parameters get exactly the gradient of sum(a * logit) and its inputs that of sum(b * logit),
+  each from the plain discriminator's own backward pass (train mode, dropout on)."""
+  arch = models.build_architecture('28', num_levels, 1, width=0.0625, z_channels=4, z_dim=8,
+                                   dropout_rates=dropout_rates)
+  d = models.Discriminator(arch, slope=0.2)
+  ks = jax.random.split(jax.random.key(0), 2 + num_levels)
+  batch = 6
+  x = jax.random.normal(ks[0], (batch,) + arch.image_shape)
+  zs = [jax.random.normal(k, (batch,) + shape) for k, shape in zip(ks[2:], arch.latent_shapes)]
+  a = jnp.array([1.0, -2.0, 0.5, 0.0, 3.0, -0.25])
+  b = jnp.array([-1.0, 0.0, 2.0, 0.5, -3.0, 1.5])
+  params = d.init(jax.random.key(1), x, zs, train=False)['params']
+  shared_params = d.init(jax.random.key(1), x, zs, train=False, shared_backward=True)['params']
+  assert jax.tree.structure(shared_params) == jax.tree.structure(params)
+  probes = [models.WEIGHT_PROBES, models.INPUT_PROBES]
+
+  def plain_logits(params, inputs):
+    return d.apply({'params': params}, inputs[0], inputs[1:], train=True,
+                   rngs={'dropout': ks[1]})[0]
+
+  def shared_logits(params, inputs):
+    (logit, _), sown = d.apply({'params': params}, inputs[0], inputs[1:], train=True,
+                               shared_backward=True, rngs={'dropout': ks[1]}, mutable=probes)
+    return logit, sown
+
+  @jax.jit
+  def both(params, inputs):
+    plain, pullback = jax.vjp(plain_logits, params, inputs)
+    grad_params, _ = pullback(a)
+    _, grad_inputs = pullback(b)
+    (shared, sown), pullback = jax.vjp(shared_logits, params, inputs)
+    scales = {models.WEIGHT_PROBES: a, models.INPUT_PROBES: b}
+    one_pass = pullback((jnp.ones_like(shared),
+                         {name: jax.tree.map(lambda _: scales[name], sown[name])
+                          for name in probes}))
+    return plain, shared, (grad_params, grad_inputs), one_pass
+
+  plain, shared, expected, got = both(params, [x, *zs])
+  np.testing.assert_array_equal(shared, plain)
+  for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()))
+
+
+def test_one_backward_pass_refuses_a_discriminator_with_batch_norm():
+  arch = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  stages = (arch.disc_stages[0] + (Conv(4, norm='bn'),),) + arch.disc_stages[1:]
+  d = models.Discriminator(dataclasses.replace(arch, disc_stages=stages), slope=0.2)
+  x = jnp.zeros((2,) + arch.image_shape)
+  zs = [jnp.zeros((2,) + shape) for shape in arch.latent_shapes]
+  variables = d.init(jax.random.key(0), x, zs, train=False)
+  with pytest.raises(ValueError, match='without batch norm'):
+    d.apply(variables, x, zs, train=False, shared_backward=True, mutable=True)

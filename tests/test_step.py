@@ -209,7 +209,7 @@ def sgd_step(model, mesh, lr_g, lr_d, update='simultaneous'):
 
 def fixed_key_losses(model, state, x):
   """(L_d, L_g)(g_params, d_params) with the keys of `state`'s step, on x: one fixed function."""
-  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), 2)
+  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
 
   def at(g_params, d_params):
     out, _ = model.apply({'params': {**g_params, 'discriminator': d_params},
@@ -280,6 +280,26 @@ def test_sequential_takes_the_generators_gradient_against_the_updated_discrimina
   assert max(differences) > 1e-4
 
 
+def test_simultaneous_update_is_each_losses_gradient():
+  """The one backward pass of both losses (models.Discriminator) moves D by exactly grad L_d and
+  the encoder and decoder by grad L_g, each by hand from its own loss (depth 3, and sec. 4's
+  dropout, which leaves some of D's layers without)."""
+  mesh = step_lib.make_mesh()
+  config = tiny_config(3)
+  config.model.dropout_rates = 'text'
+  model, state0, _ = make_trainer(config, mesh)
+  state0 = sgd_state(model, state0)
+  x = jnp.asarray(batches(1)[0]['image'])
+  loss = fixed_key_losses(model, state0, x)
+  g0, d0 = step_lib.split_params(state0.params)
+  expected = (jax.grad(lambda g: loss(g, d0)[1])(g0), jax.grad(lambda d: loss(g0, d)[0])(d0))
+  state1, _ = sgd_step(model, mesh, 1.0, 1.0)(copy(state0), step_lib.put_batch({'image': x}, mesh))
+  got = jax.tree.map(jnp.subtract, step_lib.split_params(state0.params),
+                     step_lib.split_params(state1.params))
+  for e, g in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
+
+
 def test_a_step_with_non_finite_losses_is_skipped(two_level):
   mesh, _, state0, train_step = two_level
   bad = {'image': np.full((8,) + IMAGE_SHAPE, np.nan, np.float32)}
@@ -322,6 +342,13 @@ def _convolutions(compiled_text: str) -> tuple[int, int]:
           sum(bodies[name].count(' convolution(') for name in ynn))
 
 
+def _compiled_step(model, state, mesh, update='simultaneous') -> str:
+  batch = step_lib.put_batch(batches(1)[0], mesh)
+  return step_lib.make_sharded_train_step(
+      model, optax.adam(1e-3), optax.adam(1e-3), mesh, update).lower(
+          state, batch).compile().as_text()
+
+
 def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
   """models.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
   every layer, where XLA would give them to its slower YNNPACK kernels by default."""
@@ -329,11 +356,27 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
     pytest.skip('options for XLA:CPU')
   mesh = step_lib.make_mesh(jax.devices()[:1])
   model, state, _ = make_trainer(tiny_config(), mesh)
-  batch = step_lib.put_batch(batches(1)[0], mesh)
-  compiled = lambda: step_lib.make_sharded_train_step(
-      model, optax.adam(1e-3), optax.adam(1e-3), mesh).lower(state, batch).compile().as_text()
-  total, in_ynn = _convolutions(compiled())  # Forward, input and weight gradients of each layer.
+  total, in_ynn = _convolutions(_compiled_step(model, state, mesh))  # Forward and both gradients.
   assert total >= 30 and in_ynn == 0, (total, in_ynn)
   monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {})  # XLA's defaults.
-  total, in_ynn = _convolutions(compiled())
+  total, in_ynn = _convolutions(_compiled_step(model, state, mesh))
   assert in_ynn >= 30, (total, in_ynn)
+
+
+def test_simultaneous_step_runs_the_discriminators_backward_pass_once(two_level):
+  """In the compiled simultaneous step every convolution of D has one input gradient (one
+  backward-data pass for both losses), and XLA computes each forward convolution once. The
+  sequential update's two forward passes and two pullbacks have all but one twice (L_d's
+  pullback needs no gradient of D's input)."""
+  mesh, model, state, _ = two_level
+
+  def discriminator_convolutions(text):  # (forward, input gradients) from jax's op names.
+    names = re.findall(r' convolution\(.*op_name="([^"]*discriminator[^"]*)"', text)
+    gradients = sum('transpose(' in name for name in names)
+    return len(names) - gradients, gradients
+
+  forward, input_gradients = discriminator_convolutions(_compiled_step(model, state, mesh))
+  assert forward >= 8 and input_gradients == forward, (forward, input_gradients)
+  forward, input_gradients = discriminator_convolutions(
+      _compiled_step(model, state, mesh, 'sequential'))
+  assert forward % 2 == 0 and input_gradients == forward - 1, (forward, input_gradients)
