@@ -419,3 +419,23 @@ def test_one_backward_pass_refuses_a_discriminator_with_batch_norm():
   variables = d.init(jax.random.key(0), x, zs, train=False)
   with pytest.raises(ValueError, match='without batch norm'):
     d.apply(variables, x, zs, train=False, shared_backward=True, mutable=True)
+
+
+@pytest.mark.parametrize('side,size', [(1, 2), (4, 8), (7, 14), (4, 7)])
+def test_upsampling_is_jax_image_resize(side, size):
+  """models.upsample_bilinear: jax.image.resize's bilinear function and gradient (doubling by
+  slices and its written-out adjoint; 4 -> 7 by resize itself)."""
+  x = jax.random.normal(jax.random.key(0), (3, side, side, 5))
+  dy = jax.random.normal(jax.random.key(1), (3, size, size, 5))
+  resize = lambda x: jax.image.resize(x, (3, size, size, 5), 'bilinear')
+  y, pullback = jax.vjp(resize, x)
+  y_ours, pullback_ours = jax.vjp(lambda x: models.upsample_bilinear(x, size), x)
+  np.testing.assert_allclose(y_ours, y, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(pullback_ours(dy)[0], pullback(dy)[0], rtol=0, atol=2e-6)
+
+
+def test_doubling_by_hand():
+  """Each output is 3/4 of the nearest input and 1/4 of the next nearest, edges clamped."""
+  x = jnp.array([0.0, 1.0, 3.0, 7.0]).reshape(1, 4, 1, 1) * jnp.ones((1, 1, 4, 1))
+  column = models.upsample_bilinear(x, 8)[0, :, 0, 0]
+  np.testing.assert_array_equal(column, [0.0, 0.25, 0.75, 1.5, 2.5, 4.0, 6.0, 7.0])
