@@ -191,8 +191,7 @@ def benchmark(config) -> dict:
 
   # Compile every function the training program jits, each from a cold start.
   tx_g, tx_d = step_lib.make_optimizers(config)
-  init = jax.jit(methods.init_fn(config, model, image_shape, tx_g, tx_d),
-                 out_shardings=step_lib.replicated(mesh))
+  init = step_lib.jit_initializer(methods.init_fn(config, model, image_shape, tx_g, tx_d), mesh)
   init_compiled, compiles['init_state'] = compile_seconds(init)
   state = init_compiled()
   stream = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))

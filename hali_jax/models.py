@@ -471,26 +471,27 @@ CPU_COMPILER_OPTIONS = {
         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
 
-def compiler_options(mesh=None) -> dict | None:
-  """jax.jit's compiler_options for a program that runs convolutions on `mesh`'s devices (default:
-  jax's default backend): CPU_COMPILER_OPTIONS on a CPU whose XLA accepts them, else none."""
+def compiler_options(mesh=None, options: dict | None = None) -> dict | None:
+  """jax.jit's compiler_options for a program on `mesh`'s devices (default: jax's default
+  backend): on a CPU whose XLA accepts them, `options`, by default CPU_COMPILER_OPTIONS (for the
+  programs that run the networks repeatedly); elsewhere none."""
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
   if platform != 'cpu':
     return None
-  return CPU_COMPILER_OPTIONS if _xla_cpu_accepts(tuple(CPU_COMPILER_OPTIONS.items())) else None
+  options = CPU_COMPILER_OPTIONS if options is None else options
+  return options if _xla_cpu_accepts(tuple(options.items())) else None
 
 
 @functools.cache
 def _xla_cpu_accepts(options: tuple) -> bool:
-  # An option another jaxlib renamed or dropped must slow the convolutions, not stop the run.
+  # An option another jaxlib renamed or dropped must slow the program, not stop the run.
   try:
     jax.jit(jnp.negative, compiler_options=dict(options)).lower(
         jax.ShapeDtypeStruct((), jnp.float32)).compile()
     return True
   except jax.errors.JaxRuntimeError as e:
-    logging.warning('XLA:CPU refused models.CPU_COMPILER_OPTIONS %s (%s); compiling with its '
-                    'defaults, whose convolutions are slower here.', dict(options),
-                    str(e).splitlines()[0])
+    logging.warning('XLA:CPU refused the compiler options %s (%s); compiling with its defaults, '
+                    'which are slower here.', dict(options), str(e).splitlines()[0])
     return False
 
 

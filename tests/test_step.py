@@ -1,5 +1,6 @@
 """Algorithm 1's sharded train step: gradients, determinism, depths, sharding, errors."""
 
+import functools
 import os
 import re
 import subprocess
@@ -157,6 +158,22 @@ def test_sharded_over_8_devices_equals_unsharded():
                         capture_output=True, text=True, timeout=600)
   assert 'SHARDED_OK' in proc.stdout, proc.stdout + proc.stderr[-4000:]
   assert 'multiple of the number of devices (8)' in proc.stdout
+
+
+def test_state_initializer_compiles_unoptimised_on_cpus_to_the_same_state(two_level):
+  """step.jit_initializer: on a CPU, without LLVM's optimisations (it runs once), and the same
+  initial state to rounding as XLA's defaults give."""
+  mesh, model, state, _ = two_level
+  if jax.default_backend() == 'cpu':
+    assert models.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS) == {
+        'xla_backend_optimization_level': 0}
+  config = tiny_config()
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  init = functools.partial(step_lib.init_state, model, IMAGE_SHAPE, tx_g, tx_d, config.seed)
+  optimised = jax.jit(init, compiler_options={'xla_backend_optimization_level': 3})()
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(optimised)):
+    if jnp.issubdtype(a.dtype, jnp.floating):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_every_purpose_has_its_own_key(two_level):
