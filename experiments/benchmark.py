@@ -190,8 +190,7 @@ def benchmark(config) -> dict:
   compiles = report['compile_seconds']
 
   # Compile every function the training program jits, each from a cold start.
-  tx_g, tx_d = step_lib.make_optimizers(config)
-  init = step_lib.jit_initializer(methods.init_fn(config, model, image_shape, tx_g, tx_d), mesh)
+  init = methods.state_initializer(config, model, image_shape, mesh)
   init_compiled, compiles['init_state'] = compile_seconds(init)
   state = init_compiled()
   stream = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))

@@ -49,11 +49,17 @@ def init_fn(config: ml_collections.ConfigDict, model: models.HALI, image_shape, 
   return functools.partial(step_lib.init_state, model, image_shape, tx_g, tx_d, config.seed)
 
 
+def state_initializer(config: ml_collections.ConfigDict, model: models.HALI, image_shape,
+                      mesh) -> Callable[[], step_lib.TrainState]:
+  """The jitted initializer of the state, replicated on `mesh` (call it, or its .eval_shape())."""
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  return step_lib.jit_initializer(init_fn(config, model, image_shape, tx_g, tx_d), mesh)
+
+
 def create_state(config: ml_collections.ConfigDict, model: models.HALI, image_shape,
                  mesh) -> step_lib.TrainState:
   """The initial state, initialized directly into its replicated sharding on `mesh`."""
-  tx_g, tx_d = step_lib.make_optimizers(config)
-  return step_lib.initialize(init_fn(config, model, image_shape, tx_g, tx_d), mesh)
+  return state_initializer(config, model, image_shape, mesh)()
 
 
 def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh) -> Callable:

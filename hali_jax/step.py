@@ -148,7 +148,8 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   """One iteration of Algorithm 1 on a global batch: (state, batch) -> (state, metrics).
 
   'simultaneous' (default, ALI's practice): one forward pass gives both losses; D steps on
-  grad L_d, the encoder and decoder on grad L_g, both at the current parameters.
+  grad L_d, the encoder and decoder on grad L_g, both at the current parameters, and one
+  backward pass gives both gradients (see models.Discriminator's shared_backward).
   'sequential': D steps first; the generator's gradient is then taken against the updated D on
   the same samples (same keys).
   `generator_term(g_params, state, batch, key) -> (loss, metrics)`, if given, is added to the

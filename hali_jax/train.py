@@ -98,11 +98,11 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 def initial_state(config, model, image_shape, mesh, manager,
                   train_iter: input_pipeline.TrainIterator) -> tuple[step_lib.TrainState, int]:
   """(state, step): the latest checkpoint's, with the data rewound to it, or a fresh one."""
-  init = functools.partial(methods.create_state, config, model, image_shape, mesh)
+  init = methods.state_initializer(config, model, image_shape, mesh)
   if manager.latest_step() is None:
     return init(), 0
   # Restoring against the abstract state skips compiling the initialisation.
-  state, data_state, step = checkpoint.restore_latest(manager, jax.eval_shape(init))
+  state, data_state, step = checkpoint.restore_latest(manager, init.eval_shape())
   train_iter.set_state(data_state)
   logging.info('Resumed from the checkpoint at step %d.', step)
   return state, step
