@@ -446,19 +446,29 @@ SUBPIXEL_MIN_SIDE = 24
 
 def conv_general_dilated(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None):
-  """nn.Conv's convolution (NHWC): lax's, except that a strided one takes its input gradient
-  from `_subpixel_input_gradient` on a CPU at sides >= SUBPIXEL_MIN_SIDE, where XLA would run
-  the transposed convolution on its slow generic path (+19% steps/s on configs/mnist.py:
-  experiments/BENCHMARKS.md). The same function and the same kernel gradient."""
+  """nn.Conv's convolution (NHWC): lax's, except that
+  - a kernel as large as its unpadded input (the 4 x 4 'VALID' layers that end the vector
+    paths) is the matrix product it amounts to: XLA ran its input gradient, a convolution of a
+    1 x 1 input padded by 3 on each side, at ~13 GFLOP/s on a CPU (experiments/BENCHMARKS.md);
+  - a strided one takes its input gradient from `_subpixel_input_gradient` on a CPU at sides
+    >= SUBPIXEL_MIN_SIDE, where XLA would run the transposed convolution on its slow generic
+    path (+19% steps/s on configs/mnist.py).
+  The same function and the same gradients."""
   layout = lambda numbers: jax.lax.conv_dimension_numbers(x.shape, kernel.shape, numbers)
-  if (all(s == 1 for s in strides) or feature_group_count != 1 or precision is not None
+  lax_conv = lambda: jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, precision=precision)
+  if (feature_group_count != 1 or precision is not None
       or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-      or layout(dimension_numbers) != layout(_NHWC) or min(x.shape[1:3]) < SUBPIXEL_MIN_SIDE):
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, lhs_dilation, rhs_dilation,
-                                        dimension_numbers, feature_group_count,
-                                        precision=precision)
+      or layout(dimension_numbers) != layout(_NHWC)):
+    return lax_conv()
   pads = (jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
           if isinstance(padding, str) else padding)
+  if tuple(kernel.shape[:2]) == tuple(x.shape[1:3]) and all(lo == hi == 0 for lo, hi in pads):
+    y = x.reshape(x.shape[0], -1) @ kernel.reshape(-1, kernel.shape[-1])  # (h, w, c) order both.
+    return y.reshape(x.shape[0], 1, 1, -1)
+  if all(s == 1 for s in strides) or min(x.shape[1:3]) < SUBPIXEL_MIN_SIDE:
+    return lax_conv()
   return _strided_conv(x, kernel, tuple(strides), tuple(map(tuple, pads)))
 
 

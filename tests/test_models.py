@@ -316,6 +316,33 @@ def test_strided_convolution_is_lax_with_a_subpixel_input_gradient(x_shape, size
   assert _lhs_dilations(ours, x, kernel, dy) == {'lhs_dilate = [1, 1]'}
 
 
+@pytest.mark.parametrize('x_shape,size', [((3, 4, 4, 5), 4), ((2, 3, 5, 2), (3, 5)),
+                                           ((2, 1, 1, 3), 1)])
+def test_a_kernel_covering_its_input_is_a_matrix_product(x_shape, size):
+  """The same function and gradients as lax's convolution, with no convolution left (the input
+  gradient of a 4 x 4 'VALID' layer was a 1 x 1 input padded by 3, slow on a CPU)."""
+  size = (size, size) if isinstance(size, int) else size
+  kx, kw, kd = jax.random.split(jax.random.PRNGKey(2), 3)
+  x = jax.random.normal(kx, x_shape)
+  kernel = jax.random.normal(kw, size + (x_shape[-1], 6))
+  conv = lambda f: (lambda x, k: f(x, k, (1, 1), 'VALID', dimension_numbers=models._NHWC))
+  y, lax_pullback = jax.vjp(conv(jax.lax.conv_general_dilated), x, kernel)
+  y_ours, pullback = jax.vjp(conv(models.conv_general_dilated), x, kernel)
+  assert y_ours.shape == y.shape == (x_shape[0], 1, 1, 6)
+  np.testing.assert_allclose(y_ours, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
+  dy = jax.random.normal(kd, y.shape)
+  for grad, lax_grad in zip(pullback(dy), lax_pullback(dy)):
+    np.testing.assert_allclose(grad, lax_grad, rtol=1e-5, atol=1e-5 * np.abs(lax_grad).max())
+  both = jax.jit(lambda x, k: jax.vjp(conv(models.conv_general_dilated), x, k)[1](dy))
+  assert 'convolution' not in both.lower(x, kernel).as_text()
+  # Padded, or smaller than its input: a convolution still.
+  for padding, side in ((((1, 0), (0, 0)), x_shape[1:3]), ('VALID', (x_shape[1] + 1, x_shape[2]))):
+    x = jnp.ones((1,) + side + x_shape[-1:])
+    ours = jax.jit(lambda x, k: models.conv_general_dilated(x, k, (1, 1), padding,
+                                                            dimension_numbers=models._NHWC))
+    assert 'convolution' in ours.lower(x, kernel).as_text()
+
+
 def test_networks_take_the_subpixel_input_gradient_from_side_24():
   """Where it was measured faster (28x28 and up); XLA's own below (14x14 and less)."""
   conv = lambda x, k: models.conv_general_dilated(x, k, (2, 2), 'SAME',
