@@ -7,11 +7,13 @@ import tempfile
 import pytest
 
 # Tests check behaviour, not speed: without LLVM optimisation XLA's CPU backend compiles our
-# networks ~3x faster, which keeps the suite within CI's budget. Appended, so a test may still
-# add flags (e.g. fake devices) in its subprocesses.
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_backend_optimization_level=0').strip()
+# networks ~3x faster, and its older (LLVM IR) fusion emitters compile a tiny train step in
+# about half the time of the default MLIR ones at that level (experiments/BENCHMARKS.md,
+# "The test suite's compile time"), which keeps the suite within CI's budget. Appended, so a
+# test may still add flags (e.g. fake devices) in its subprocesses.
+for flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
+  if flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # Many tests train the same tiny models (also in subprocesses): compile each program once per
 # session. The cache lives in a fresh temporary directory, so nothing leaks between sessions.
