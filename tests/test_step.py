@@ -382,18 +382,25 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
 
 def test_simultaneous_step_runs_the_discriminators_backward_pass_once(two_level):
   """In the compiled simultaneous step every convolution of D has one input gradient (one
-  backward-data pass for both losses), and XLA computes each forward convolution once. The
-  sequential update's two forward passes and two pullbacks have all but one twice (L_d's
-  pullback needs no gradient of D's input)."""
+  backward-data pass for both losses), and XLA computes each forward convolution once; each of
+  D's dense layers (the 4 x 4 and 1 x 1 layers on 1 x 1 inputs, models.conv_general_dilated's
+  matrix products) has one input and one weight gradient. The sequential update's two forward
+  passes and two pullbacks have all but one convolution's input gradient twice (L_d's pullback
+  needs no gradient of D's input) and every dense layer's input gradient twice."""
   mesh, model, state, _ = two_level
 
-  def discriminator_convolutions(text):  # (forward, input gradients) from jax's op names.
-    names = re.findall(r' convolution\(.*op_name="([^"]*discriminator[^"]*)"', text)
+  def discriminator_ops(text, op):  # (forward, gradients) of D's `op`s, from jax's op names.
+    names = re.findall(rf' {op}\(.*op_name="([^"]*discriminator[^"]*)"', text)
     gradients = sum('transpose(' in name for name in names)
     return len(names) - gradients, gradients
 
-  forward, input_gradients = discriminator_convolutions(_compiled_step(model, state, mesh))
+  text = _compiled_step(model, state, mesh)
+  forward, input_gradients = discriminator_ops(text, 'convolution')
   assert forward >= 7 and input_gradients == forward, (forward, input_gradients)
-  forward, input_gradients = discriminator_convolutions(
-      _compiled_step(model, state, mesh, 'sequential'))
+  forward, gradients = discriminator_ops(text, 'dot')
+  assert forward >= 3 and gradients == 2 * forward, (forward, gradients)
+  text = _compiled_step(model, state, mesh, 'sequential')
+  forward, input_gradients = discriminator_ops(text, 'convolution')
   assert forward % 2 == 0 and input_gradients == forward - 1, (forward, input_gradients)
+  forward, gradients = discriminator_ops(text, 'dot')  # 2 forward, 2 input, 1 weight gradient.
+  assert forward >= 6 and 2 * gradients == 3 * forward, (forward, gradients)
