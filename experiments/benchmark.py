@@ -11,10 +11,12 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
   * XLA's cost analysis: FLOPs per train step;
   * the train step on a device-resident batch: steps/s and images/s, the median of --windows
     timed windows of --window_steps steps after a warm-up, and the achieved FLOP/s as a fraction
-    of a float32 matmul's (2048 x 2048 jnp.dot, measured in this run; also bfloat16 on a GPU);
+    of a float32 matmul's (an n x n jnp.dot measured in this run: n = 2048 on a CPU, 8192 on a
+    GPU);
   * the input pipeline alone (images/s of the tfds + grain stream, on the host), and the step fed
     by it (steps/s), beside the device-resident number;
-  * on a GPU, the peak device memory;
+  * on a GPU, the peak device memory, and the bfloat16 matmul's peak with the step's fraction of
+    it (the MFU of a bfloat16 config);
   * with --profile_steps=N, where the time goes: each XLA op kind's share of the op time summed
     over N steps traced by jax.profiler (kind: the HLO op's name without its number). On a CPU,
     XLA's own convolutions (models.CPU_COMPILER_OPTIONS) run on a thread pool after their op
@@ -23,7 +25,10 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
     step compiled and timed alone (its operands' shapes, window and compiler options), in
     milliseconds per step and GFLOP/s by kind (forward, input gradient, weight gradient), and by
     network for the first two. Alone, not beside the step's other ops: an estimate.
-The data comes from --config.data_dir as for training.
+The data comes from --config.data_dir as for training. With --synthetic_data the step runs on
+random images of the config's shape instead (their values do not change the step's speed), for
+a dataset that is not at hand, such as CelebA on a lent GPU machine: there is then no pipeline to
+time, and the report says data: synthetic.
 """
 
 import collections
@@ -51,6 +56,7 @@ from hali_jax import methods
 from hali_jax import models
 from hali_jax import step as step_lib
 from hali_jax import train
+from hali_jax.errors import UserError
 
 # configs/*.py import the `configs` package: make the repository root importable, as
 # `python -m hali_jax.main` run from it does.
@@ -66,6 +72,8 @@ flags.DEFINE_integer('profile_steps', 0, 'Steps traced by jax.profiler to report
                      'each op kind in the op time (0: no trace).')
 flags.DEFINE_bool('time_convolutions', False, 'Time each convolution of the compiled train step '
                   'alone: milliseconds per step and GFLOP/s by kind.')
+flags.DEFINE_bool('synthetic_data', False, 'Random images of the config\'s shape instead of its '
+                  'dataset (no input pipeline measured); not with config.semisup.enabled.')
 FLAGS = flags.FLAGS
 
 
@@ -81,8 +89,9 @@ def compile_seconds(jitted, *args) -> tuple[object, float]:
   return timed(lambda: jitted.lower(*args).compile())
 
 
-def matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
-  """FLOP/s of an n x n jnp.dot: the best of `repeats`."""
+def matmul_peak(dtype, n: int, repeats: int = 10) -> float:
+  """FLOP/s of an n x n jnp.dot: the best of `repeats` (n = 2048 nears a CPU's peak; a GPU's
+  needs 8192, whose product takes a millisecond or two there)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   dot = jax.jit(jnp.dot)
   jax.block_until_ready(dot(a, a))
@@ -177,8 +186,19 @@ def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
   return report
 
 
+def synthetic_images(config, count: int, seed: int, sharding) -> dict:
+  """{'image', 'label'} as the pipeline gives them: uniform images in [-1, 1], labels 0."""
+  shape = (count,) + tuple(input_pipeline.dataset_image_shape(config))
+  images = jax.random.uniform(jax.random.PRNGKey(seed), shape, jnp.float32, -1, 1)
+  return jax.device_put({'image': images, 'label': jnp.zeros((count,), jnp.int32)}, sharding)
+
+
 def benchmark(config) -> dict:
   train.validate_config(config)
+  if FLAGS.synthetic_data and config.semisup.enabled:
+    raise UserError('--synthetic_data has no labelled examples for config.semisup: benchmark '
+                    'the semi-supervised config on its dataset, or set '
+                    '--config.semisup.enabled=False.')
   mesh = train.create_mesh(config)
   image_shape = input_pipeline.dataset_image_shape(config)
   model = models.create_model(config.model, image_shape)
@@ -186,18 +206,25 @@ def benchmark(config) -> dict:
   report = dict(device=device.device_kind, platform=device.platform, devices=mesh.size,
                 jax=jax.__version__, jaxlib=jaxlib.__version__, dataset=config.dataset,
                 arch=config.model.arch, num_levels=config.model.num_levels,
-                method=config.method, batch_size=config.batch_size, compile_seconds={})
+                method=config.method, batch_size=config.batch_size,
+                compute_dtype=config.model.compute_dtype,
+                data='synthetic' if FLAGS.synthetic_data else 'dataset', compile_seconds={})
   compiles = report['compile_seconds']
 
   # Compile every function the training program jits, each from a cold start.
   init = methods.state_initializer(config, model, image_shape, mesh)
   init_compiled, compiles['init_state'] = compile_seconds(init)
   state = init_compiled()
-  stream = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
-  batch = next(stream)
+  if FLAGS.synthetic_data:
+    batch = synthetic_images(config, config.batch_size, 0, step_lib.batch_sharding(mesh))
+    eval_x = synthetic_images(config, config.input.eval_batch_size, 1,
+                              step_lib.replicated(mesh))['image']
+  else:
+    stream = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
+    batch = next(stream)
+    eval_x = train.eval_images(config, mesh)
   train_step = methods.make_train_step(config, model, mesh)
   step_compiled, compiles['train_step'] = compile_seconds(train_step, state, batch)
-  eval_x = train.eval_images(config, mesh)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   evaluate = train.make_evaluate(model, mesh, config.input.eval_batch_size)
   _, compiles['evaluate'] = compile_seconds(evaluate, variables, eval_x, jax.random.PRNGKey(0))
@@ -217,11 +244,12 @@ def benchmark(config) -> dict:
   report['steps_per_sec'] = rate
   report['images_per_sec'] = rate * config.batch_size
   report['achieved_gflops'] = rate * report['gflop_per_step']
-  report['matmul_peak_gflops_f32'] = matmul_peak(jnp.float32) / 1e9
-  report['fraction_of_f32_matmul_peak'] = report['achieved_gflops'] / report[
-      'matmul_peak_gflops_f32']
-  if device.platform == 'gpu':
-    report['matmul_peak_gflops_bf16'] = matmul_peak(jnp.bfloat16) / 1e9
+  # A matmul's FLOP/s as the peak: float32's, and on a GPU bfloat16's (the MFU of a bf16 config).
+  gpu = device.platform == 'gpu'
+  for name, dtype in (('f32', jnp.float32), ('bf16', jnp.bfloat16))[:2 if gpu else 1]:
+    report[f'matmul_peak_gflops_{name}'] = matmul_peak(dtype, 8192 if gpu else 2048) / 1e9
+    report[f'fraction_of_{name}_matmul_peak'] = (report['achieved_gflops'] /
+                                                 report[f'matmul_peak_gflops_{name}'])
   if FLAGS.profile_steps:
     state, report['op_time_shares'] = op_time_shares(step_compiled, state, batch)
   if FLAGS.time_convolutions:
@@ -230,6 +258,16 @@ def benchmark(config) -> dict:
                                                      (per_device, 2 * per_device))
 
   # The input pipeline alone (host numpy batches), then feeding the step.
+  if not FLAGS.synthetic_data:
+    state = pipeline_rates(config, report, state, step_compiled, stream)
+  stats = device.memory_stats() if device.platform == 'gpu' else None
+  if stats and 'peak_bytes_in_use' in stats:
+    report['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
+  return report
+
+
+def pipeline_rates(config, report, state, step_compiled, stream):
+  """Adds the pipeline's images/s alone and the step's steps/s fed by it; returns the state."""
   host_stream = iter(input_pipeline.train_dataset(config, jax.process_index(),
                                                   jax.process_count()))
   next(host_stream)
@@ -238,10 +276,7 @@ def benchmark(config) -> dict:
   state, report['steps_per_sec_with_pipeline'] = steps_per_second(
       step_compiled, state, lambda: next(stream))
   stream.close()
-  stats = device.memory_stats() if device.platform == 'gpu' else None
-  if stats and 'peak_bytes_in_use' in stats:
-    report['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
-  return report
+  return state
 
 
 def main(argv):

@@ -234,7 +234,7 @@ def test_benchmark_reports_every_measure(tmp_path):
               'matmul_peak_gflops_f32', 'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'):
     assert report[key] > 0, key
   assert report['images_per_sec'] == pytest.approx(10 * report['steps_per_sec'])
-  assert report['device'] and report['jax'] == jax.__version__
+  assert report['device'] and report['jax'] == jax.__version__ and report['data'] == 'dataset'
   shares = report['op_time_shares']  # The step's own ops: convolutions among them.
   assert sum(shares.values()) == pytest.approx(1)
   assert any('convolution' in kind or 'fusion' in kind for kind in shares), shares
@@ -250,6 +250,28 @@ def test_benchmark_reports_every_measure(tmp_path):
         for network in ('discriminator', 'encoder', 'decoder'))), convolutions
   table = (tmp_path / 'bench' / 'benchmark.md').read_text()
   assert '| steps_per_sec |' in table and '| op_time_shares.' in table
+
+
+def test_benchmark_on_synthetic_data_reads_no_dataset(tmp_path):
+  """--synthetic_data (CelebA on a GPU machine that lacks it): the step timed with an empty data
+  directory, no pipeline measures; semi-supervised configs, which need labels, refused."""
+  command = [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
+             f'--config.data_dir={tmp_path / "empty"}', '--synthetic_data']
+  result = subprocess.run(command + [f'--output_dir={tmp_path / "bench"}', '--windows=1',
+                                     '--window_steps=2'], cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-5000:]
+  report = json.loads((tmp_path / 'bench' / 'benchmark.json').read_text())
+  assert report['data'] == 'synthetic' and report['steps_per_sec'] > 0
+  assert report['images_per_sec'] == pytest.approx(8 * report['steps_per_sec'])
+  assert set(report['compile_seconds']) == {'init_state', 'train_step', 'evaluate',
+                                            'accumulate_metrics'}
+  assert not {'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'} & set(report)
+  result = subprocess.run(command + ['--config.semisup.enabled=True'], cwd=REPO,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: --synthetic_data has no labelled examples for config.semisup')
 
 
 def test_benchmark_finds_the_configs_from_the_repository_root(tmp_path):
