@@ -5,7 +5,8 @@
 # on its real data, for the input pipeline beside the device-resident step.
 #
 # Here, once:  ../shared/device/prepare.sh mnist        (fills the git-ignored .whl/ and .data/)
-# Device call: carry [".whl", ".data"], timeout_s 540, command
+# Device call: carry [".whl", ".data"], timeout_s 600 (the runs go in order of importance, each
+# stopped at 150 s), command
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD TFDS_DATA_DIR=$PWD/.data || exit; bash experiments/gpu_benchmark.sh
 # Back in $OUT: one JSON report per run and log.txt (the tables, or why a run failed).
 # Arguments are added to every run: `bash experiments/gpu_benchmark.sh --windows=1
