@@ -6,7 +6,8 @@
 Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/benchmark.json):
   * the device, its count, jax and jaxlib versions, the config;
   * the compile time of every jitted function the training program builds (state initialisation,
-    train step, evaluation, metric accumulation, the semi-supervised test-error count), from
+    train step, evaluation, metric accumulation, the count of skipped steps, the finiteness check
+    before each checkpoint, the semi-supervised test-error count), from
     a cold start: the persistent compilation cache is off here;
   * XLA's cost analysis: FLOPs per train step;
   * the train step on a device-resident batch: steps/s and images/s, the median of --windows
@@ -231,6 +232,10 @@ def benchmark(config) -> dict:
   state, metrics = step_compiled(state, batch)
   averages = train.metric_averages(metrics)
   _, compiles['accumulate_metrics'] = compile_seconds(train.accumulate, averages, metrics)
+  skips = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+  _, compiles['count_skips'] = compile_seconds(train.count_skips, skips, metrics['skipped'], 1,
+                                               config.max_consecutive_skips)
+  _, compiles['all_finite'] = compile_seconds(train.finiteness_check(), state)  # Before each checkpoint.
   test_errors = train.make_test_errors(config, model)
   if test_errors:
     _, compiles['test_errors'] = timed(lambda: test_errors(variables))  # Its first call compiles.

@@ -217,7 +217,16 @@ def count_skips(skips: tuple[jax.Array, jax.Array], skipped: jax.Array, step: in
   return in_a_row, jnp.where((reached_at == 0) & (in_a_row >= limit), step, reached_at)
 
 
-all_finite = jax.jit(step_lib.all_finite)
+@functools.cache
+def finiteness_check() -> Callable:
+  """step.all_finite jitted for the state checked before each checkpoint. It runs that rarely,
+  so on a CPU it is compiled like the state initializer, without LLVM's optimisations: for the
+  lean MNIST state in 1.1-1.3 s instead of 1.6-1.9, then running 24 ms instead of 6
+  (experiments/BENCHMARKS.md).
+  Built on first use: the compiler options are checked against the backend, which an import
+  must not start."""
+  return jax.jit(step_lib.all_finite,
+                 compiler_options=models.compiler_options(options=step_lib.INIT_COMPILER_OPTIONS))
 
 
 def check_divergence(config, workdir: str, reached_at: int, last_checkpoint: int | None) -> None:
@@ -371,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
       stop = stop_requested(step)
       if step % config.checkpoint_every_steps == 0 or last or stop:
-        if not all_finite(state):  # step.guard keeps the state finite; never save one that is not.
+        if not finiteness_check()(state):  # step.guard keeps the state finite; never save one that is not.
           raise UserError(f'The state at step {step} holds non-finite values; it was not saved. '
                           f'The last checkpoint is step {manager.latest_step()} in {workdir}.')
         checkpoint.save(manager, step, state, train_iter.get_state())

@@ -228,7 +228,7 @@ def test_benchmark_reports_every_measure(tmp_path):
   assert result.returncode == 0, result.stderr[-5000:]
   report = json.loads((tmp_path / 'bench' / 'benchmark.json').read_text())
   assert set(report['compile_seconds']) == {'init_state', 'train_step', 'evaluate',
-                                            'accumulate_metrics'}
+                                            'accumulate_metrics', 'count_skips', 'all_finite'}
   assert all(seconds > 0 for seconds in report['compile_seconds'].values())
   for key in ('steps_per_sec', 'images_per_sec', 'gflop_per_step', 'achieved_gflops',
               'matmul_peak_gflops_f32', 'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'):
@@ -265,7 +265,7 @@ def test_benchmark_on_synthetic_data_reads_no_dataset(tmp_path):
   assert report['data'] == 'synthetic' and report['steps_per_sec'] > 0
   assert report['images_per_sec'] == pytest.approx(8 * report['steps_per_sec'])
   assert set(report['compile_seconds']) == {'init_state', 'train_step', 'evaluate',
-                                            'accumulate_metrics'}
+                                            'accumulate_metrics', 'count_skips', 'all_finite'}
   assert not {'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'} & set(report)
   result = subprocess.run(command + ['--config.semisup.enabled=True'], cwd=REPO,
                           env=subprocess_env(), capture_output=True, text=True, timeout=300)

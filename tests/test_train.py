@@ -21,6 +21,7 @@ import textwrap
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest
@@ -184,6 +185,17 @@ def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
   with pytest.raises(UserError, match=r'stop_after_minutes=-1.0 is not valid: it must be a '
                      r'number that is >= 0'):
     train.validate_config(tiny_config(stop_after_minutes=-1))
+
+
+def test_the_finiteness_check_before_a_save_finds_any_nan_or_inf():
+  """train.finiteness_check (compiled without LLVM's optimisations on a CPU): one NaN or inf in
+  any leaf makes it False; integer leaves beside the floats are fine."""
+  state = {'step': jnp.int32(3), 'params': {'w': jnp.ones((2, 3)), 'b': jnp.zeros(4)}}
+  check = train.finiteness_check()
+  assert bool(check(state))
+  for bad in (jnp.nan, jnp.inf, -jnp.inf):
+    poisoned = {**state, 'params': {**state['params'], 'b': state['params']['b'].at[2].set(bad)}}
+    assert not bool(check(poisoned)), bad
 
 
 @pytest.mark.parametrize('poisoned_steps, log_every_steps', [
