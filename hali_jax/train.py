@@ -380,7 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
       stop = stop_requested(step)
       if step % config.checkpoint_every_steps == 0 or last or stop:
-        if not finiteness_check()(state):  # step.guard keeps the state finite; never save one that is not.
+        # step.guard keeps the state finite; never save one that is not.
+        if not finiteness_check()(state):
           raise UserError(f'The state at step {step} holds non-finite values; it was not saved. '
                           f'The last checkpoint is step {manager.latest_step()} in {workdir}.')
         checkpoint.save(manager, step, state, train_iter.get_state())
