@@ -187,9 +187,9 @@ def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
   return report
 
 
-def synthetic_images(config, count: int, seed: int, sharding) -> dict:
+def synthetic_images(image_shape, count: int, seed: int, sharding) -> dict:
   """{'image', 'label'} as the pipeline gives them: uniform images in [-1, 1], labels 0."""
-  shape = (count,) + tuple(input_pipeline.dataset_image_shape(config))
+  shape = (count,) + tuple(image_shape)
   images = jax.random.uniform(jax.random.PRNGKey(seed), shape, jnp.float32, -1, 1)
   return jax.device_put({'image': images, 'label': jnp.zeros((count,), jnp.int32)}, sharding)
 
@@ -204,6 +204,7 @@ def benchmark(config) -> dict:
   image_shape = input_pipeline.dataset_image_shape(config)
   model = models.create_model(config.model, image_shape)
   device = jax.devices()[0]
+  gpu = device.platform == 'gpu'
   report = dict(device=device.device_kind, platform=device.platform, devices=mesh.size,
                 jax=jax.__version__, jaxlib=jaxlib.__version__, dataset=config.dataset,
                 arch=config.model.arch, num_levels=config.model.num_levels,
@@ -217,8 +218,8 @@ def benchmark(config) -> dict:
   init_compiled, compiles['init_state'] = compile_seconds(init)
   state = init_compiled()
   if FLAGS.synthetic_data:
-    batch = synthetic_images(config, config.batch_size, 0, step_lib.batch_sharding(mesh))
-    eval_x = synthetic_images(config, config.input.eval_batch_size, 1,
+    batch = synthetic_images(image_shape, config.batch_size, 0, step_lib.batch_sharding(mesh))
+    eval_x = synthetic_images(image_shape, config.input.eval_batch_size, 1,
                               step_lib.replicated(mesh))['image']
   else:
     stream = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
@@ -235,7 +236,8 @@ def benchmark(config) -> dict:
   skips = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
   _, compiles['count_skips'] = compile_seconds(train.count_skips, skips, metrics['skipped'], 1,
                                                config.max_consecutive_skips)
-  _, compiles['all_finite'] = compile_seconds(train.finiteness_check(), state)  # Before each checkpoint.
+  # Before each checkpoint.
+  _, compiles['all_finite'] = compile_seconds(train.make_finiteness_check(mesh), state)
   test_errors = train.make_test_errors(config, model)
   if test_errors:
     _, compiles['test_errors'] = timed(lambda: test_errors(variables))  # Its first call compiles.
@@ -250,7 +252,6 @@ def benchmark(config) -> dict:
   report['images_per_sec'] = rate * config.batch_size
   report['achieved_gflops'] = rate * report['gflop_per_step']
   # A matmul's FLOP/s as the peak: float32's, and on a GPU bfloat16's (the MFU of a bf16 config).
-  gpu = device.platform == 'gpu'
   for name, dtype in (('f32', jnp.float32), ('bf16', jnp.bfloat16))[:2 if gpu else 1]:
     report[f'matmul_peak_gflops_{name}'] = matmul_peak(dtype, 8192 if gpu else 2048) / 1e9
     report[f'fraction_of_{name}_matmul_peak'] = (report['achieved_gflops'] /
@@ -265,7 +266,7 @@ def benchmark(config) -> dict:
   # The input pipeline alone (host numpy batches), then feeding the step.
   if not FLAGS.synthetic_data:
     state = pipeline_rates(config, report, state, step_compiled, stream)
-  stats = device.memory_stats() if device.platform == 'gpu' else None
+  stats = device.memory_stats() if gpu else None
   if stats and 'peak_bytes_in_use' in stats:
     report['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
   return report

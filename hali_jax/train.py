@@ -217,16 +217,13 @@ def count_skips(skips: tuple[jax.Array, jax.Array], skipped: jax.Array, step: in
   return in_a_row, jnp.where((reached_at == 0) & (in_a_row >= limit), step, reached_at)
 
 
-@functools.cache
-def finiteness_check() -> Callable:
-  """step.all_finite jitted for the state checked before each checkpoint. It runs that rarely,
+def make_finiteness_check(mesh) -> Callable:
+  """step.all_finite jitted for the state, checked before each checkpoint. It runs that rarely,
   so on a CPU it is compiled like the state initializer, without LLVM's optimisations: for the
   lean MNIST state in 1.1-1.3 s instead of 1.6-1.9, then running 24 ms instead of 6
-  (experiments/BENCHMARKS.md).
-  Built on first use: the compiler options are checked against the backend, which an import
-  must not start."""
+  (experiments/BENCHMARKS.md)."""
   return jax.jit(step_lib.all_finite,
-                 compiler_options=models.compiler_options(options=step_lib.INIT_COMPILER_OPTIONS))
+                 compiler_options=models.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS))
 
 
 def check_divergence(config, workdir: str, reached_at: int, last_checkpoint: int | None) -> None:
@@ -338,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     train_step = methods.make_train_step(config, model, mesh)
     test_errors = make_test_errors(config, model)
     evaluate = make_evaluate(model, mesh, config.input.eval_batch_size)
+    all_finite = make_finiteness_check(mesh)
     # Fixed prior draws: the sample grids of successive evaluations show the same z.
     sample_key = step_lib.run_keys(config.seed)['eval_samples']
     progress = writers.Progress(start_step, config.num_train_steps)
@@ -381,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
       stop = stop_requested(step)
       if step % config.checkpoint_every_steps == 0 or last or stop:
         # step.guard keeps the state finite; never save one that is not.
-        if not finiteness_check()(state):
+        if not all_finite(state):
           raise UserError(f'The state at step {step} holds non-finite values; it was not saved. '
                           f'The last checkpoint is step {manager.latest_step()} in {workdir}.')
         checkpoint.save(manager, step, state, train_iter.get_state())

@@ -188,10 +188,10 @@ def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
 
 
 def test_the_finiteness_check_before_a_save_finds_any_nan_or_inf():
-  """train.finiteness_check (compiled without LLVM's optimisations on a CPU): one NaN or inf in
-  any leaf makes it False; integer leaves beside the floats are fine."""
+  """train.make_finiteness_check (compiled without LLVM's optimisations on a CPU): one NaN or
+  inf in any leaf makes it False; integer leaves beside the floats are fine."""
   state = {'step': jnp.int32(3), 'params': {'w': jnp.ones((2, 3)), 'b': jnp.zeros(4)}}
-  check = train.finiteness_check()
+  check = train.make_finiteness_check(train.create_mesh(tiny_config()))
   assert bool(check(state))
   for bad in (jnp.nan, jnp.inf, -jnp.inf):
     poisoned = {**state, 'params': {**state['params'], 'b': state['params']['b'].at[2].set(bad)}}
