@@ -255,6 +255,11 @@ class TrainIterator:
     return self
 
   def __next__(self) -> dict[str, jax.Array]:
+    self._read_ahead()
+    batch, self._state = self._queue.popleft()
+    return batch
+
+  def _read_ahead(self) -> None:
     # The device copies are asynchronous: keeping `prefetch` batches queued overlaps them
     # with the training steps.
     while len(self._queue) <= self._prefetch:
@@ -262,8 +267,12 @@ class TrainIterator:
       batch = {k: jax.make_array_from_process_local_data(self._sharding, v)
                for k, v in local.items()}
       self._queue.append((batch, self._iterator.get_state()))
-    batch, self._state = self._queue.popleft()
-    return batch
+
+  def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shape, dtype and sharding of every batch (to compile the step before the first one)."""
+    self._read_ahead()
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+            for k, v in self._queue[0][0].items()}
 
   def get_state(self) -> dict:
     """JSON-serialisable position after the last batch returned (not the read-ahead)."""

@@ -9,6 +9,7 @@ A run is a pure function of its config: batch k and the step's random keys depen
 straight through.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import json
@@ -95,10 +96,10 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
                     f'--config.num_train_steps to at least {steps[-1]}, or use a new --workdir.')
 
 
-def initial_state(config, model, image_shape, mesh, manager,
+def initial_state(init: Callable[[], step_lib.TrainState], manager,
                   train_iter: input_pipeline.TrainIterator) -> tuple[step_lib.TrainState, int]:
-  """(state, step): the latest checkpoint's, with the data rewound to it, or a fresh one."""
-  init = methods.state_initializer(config, model, image_shape, mesh)
+  """(state, step): the latest checkpoint's, with the data rewound to it, or a fresh one from
+  `init` (methods.state_initializer)."""
   if manager.latest_step() is None:
     return init(), 0
   # Restoring against the abstract state skips compiling the initialisation.
@@ -322,7 +323,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     manager = stack.enter_context(checkpoint.create_manager(workdir,
                                                             config.checkpoint_max_to_keep))
-    state, start_step = initial_state(config, model, image_shape, mesh, manager, train_iter)
+    init = methods.state_initializer(config, model, image_shape, mesh)
+    train_step = methods.make_train_step(config, model, mesh)
+    # The step compiles from the shapes of the state and of a batch, in a thread, while the state
+    # is initialised (another compilation: on a CPU the two fill both cores, where either alone
+    # leaves one idle for a while) or restored (reading files).
+    lowering_args = init.eval_shape(), train_iter.batch_spec()
+    step_compiled = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(
+        lambda: train_step.lower(*lowering_args).compile())
+    state, start_step = initial_state(init, manager, train_iter)
     checkpoint.save_config(workdir, config)
     writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   purge_step=start_step + 1 if start_step else None)
@@ -332,7 +341,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                  sum(x.size for x in jax.tree.leaves(state.params)), start_step + 1,
                  config.num_train_steps)
 
-    train_step = methods.make_train_step(config, model, mesh)
     test_errors = make_test_errors(config, model)
     evaluate = make_evaluate(model, mesh, config.input.eval_batch_size)
     all_finite = make_finiteness_check(mesh)
@@ -342,6 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     out_of_time = time_limit(config.stop_after_minutes, config.log_every_steps)
     averages = None
     skips = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    step_compiled.result()  # Its errors are raised here; the first step then finds it compiled.
 
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):

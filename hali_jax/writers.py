@@ -5,13 +5,25 @@ Only process 0 writes; on the others the writers do nothing, so the loop needs n
 """
 
 import os
+import sys
 import time
 from typing import Mapping
 
 from absl import logging
 import numpy as np
 from PIL import Image
-import tensorboardX
+
+# tensorboardX imports torch where it is installed, only to accept torch tensors (we give it numpy
+# arrays): that costs every command ~2 s of start-up, so torch is hidden while it loads (an entry
+# of None makes an import fail). A torch already imported (e.g. by pytorch_twin.py) stays.
+_hide_torch = 'torch' not in sys.modules
+if _hide_torch:
+  sys.modules['torch'] = None
+try:
+  import tensorboardX
+finally:
+  if _hide_torch:
+    del sys.modules['torch']
 
 IMAGES = 'images'
 

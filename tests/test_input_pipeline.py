@@ -139,6 +139,7 @@ def test_exact_resume_after_json_round_trip(sharding):
   config = make_config()
   with mock_tfds(num_examples=20):
     straight = input_pipeline.create_train_iterator(config, sharding)
+    spec = straight.batch_spec()  # Reads ahead, and takes nothing from the stream.
     expected = take(straight, 5)
     straight.close()
 
@@ -147,6 +148,7 @@ def test_exact_resume_after_json_round_trip(sharding):
     state = json.loads(json.dumps(first.get_state()))
     first.close()
     resumed = input_pipeline.create_train_iterator(config, sharding)
+    resumed.batch_spec()  # As the training loop does, before it restores the position.
     resumed.set_state(state)
     got = take(resumed, 3)
     # Rewinding an iterator that has read ahead works too.
@@ -158,6 +160,8 @@ def test_exact_resume_after_json_round_trip(sharding):
     for key in want:
       np.testing.assert_array_equal(want[key], have[key])
   np.testing.assert_array_equal(again[0]['image'], expected[2]['image'])
+  assert spec == {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                  for k, v in expected[0].items()}
 
 
 def test_order_is_a_function_of_the_seed(sharding):

@@ -166,13 +166,23 @@ def test_run_writes_checkpoints_events_and_images(straight):
     checkpoint.restore(str(workdir), step=3)
 
 
-def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path):
+def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path, caplog):
   _, expected = straight
   with mock_tfds(MOCK_EXAMPLES):
     train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
     assert checkpoint.all_steps(tmp_path) == [2]
-    resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    jax.config.update('jax_log_compiles', True)  # In every thread (the context is per thread).
+    try:
+      with caplog.at_level('WARNING'):
+        resumed = train.train_and_evaluate(tiny_config(), str(tmp_path))
+    finally:
+      jax.config.update('jax_log_compiles', False)
   assert_trees_equal(resumed, expected)  # Parameters, optimizer states, step and key.
+  # The step compiled in a thread from the abstract state and batch, while the state was
+  # restored, is the one the steps call: it compiles once, and not in the loop's thread.
+  compiled_in = [r.threadName for r in caplog.records
+                 if r.getMessage().startswith('Compiling jit(train_step)')]
+  assert len(compiled_in) == 1 and compiled_in[0] != 'MainThread', compiled_in
   check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
 
 
@@ -219,6 +229,7 @@ def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path
     def poisoned_step(state, batch):
       poison = np.nan if int(state.step) + 1 in poisoned_steps else 1.0
       return step(state, {**batch, 'image': batch['image'] * poison})
+    poisoned_step.lower = step.lower  # The loop compiles the jitted step ahead of the steps.
     return poisoned_step
 
   monkeypatch.setattr(methods, 'make_train_step', poisoned)
@@ -455,6 +466,18 @@ def test_eight_devices_train_as_one(straight, tmp_path):
   # every weight by ~1e-4.
   assert np.quantile(differences, 0.99) < 1e-5, np.quantile(differences, [0.5, 0.99])
   assert differences.max() < 4 * mnist.get_config('tiny').optim.learning_rate
+
+
+def test_the_training_program_does_not_import_an_installed_torch():
+  """tensorboardX imports torch where it is installed (~2 s of every command's start-up):
+  writers.py hides it while tensorboardX loads, and torch still imports afterwards."""
+  if importlib.util.find_spec('torch') is None:
+    pytest.skip('torch is not installed: nothing to hide')
+  check = ('import sys, hali_jax.main; assert "torch" not in sys.modules, "torch imported"; '
+           'import torch; torch.zeros(1)')
+  result = subprocess.run([sys.executable, '-c', check], cwd=REPO, text=True,
+                          capture_output=True, env=subprocess_env(), timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_tensorboard_is_installed_with_the_project():
