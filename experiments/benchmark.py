@@ -9,11 +9,14 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
     train step, evaluation, metric accumulation, the count of skipped steps, the finiteness check
     before each checkpoint, the semi-supervised test-error count), from
     a cold start: the persistent compilation cache is off here;
-  * XLA's cost analysis: FLOPs per train step;
+  * XLA's cost analysis: FLOPs and bytes accessed per train step;
   * the train step on a device-resident batch: steps/s and images/s, the median of --windows
     timed windows of --window_steps steps after a warm-up, and the achieved FLOP/s as a fraction
-    of a float32 matmul's (an n x n jnp.dot measured in this run: n = 2048 on a CPU, 8192 on a
-    GPU);
+    of a float32 matmul's (an n x n jnp.dot: n = 2048 on a CPU, 8192 on a GPU), measured after
+    each window, each window's fraction of its own (the median is reported);
+  * the roofline: the memory bandwidth (x + 1 on an array no cache holds, after each window too),
+    whether the step's FLOPs at the matmul peak or its bytes at the bandwidth take longer
+    (roofline_bound), and the steps/s as a fraction of the rate that bound allows;
   * the input pipeline alone (images/s of the tfds + grain stream, on the host), and the step fed
     by it (steps/s), beside the device-resident number;
   * on a GPU, the peak device memory, and the bfloat16 matmul's peak with the step's fraction of
@@ -43,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Callable
 
 from absl import app
 from absl import flags
@@ -90,17 +94,33 @@ def compile_seconds(jitted, *args) -> tuple[object, float]:
   return timed(lambda: jitted.lower(*args).compile())
 
 
-def matmul_peak(dtype, n: int, repeats: int = 10) -> float:
-  """FLOP/s of an n x n jnp.dot: the best of `repeats` (n = 2048 nears a CPU's peak; a GPU's
-  needs 8192, whose product takes a millisecond or two there)."""
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+def machine_meter(gpu: bool) -> Callable[[], dict[str, float]]:
+  """A function that measures, when called, what the step is compared with: the FLOP/s of an
+  n x n jnp.dot in float32 (and bfloat16 on a GPU), the best of 10 (n = 2048 nears a CPU's peak;
+  a GPU's needs 8192, whose product takes a millisecond or two there), and the memory bandwidth,
+  bytes read and written per second by x + 1 on an array no cache holds (256 MiB; 2 GiB on a
+  GPU), the best of 10."""
+  n = 8192 if gpu else 2048
   dot = jax.jit(jnp.dot)
-  jax.block_until_ready(dot(a, a))
-  return 2 * n**3 / min(timed(lambda: dot(a, a))[1] for _ in range(repeats))
+  operands = {name: jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+              for name, dtype in (('f32', jnp.float32), ('bf16', jnp.bfloat16))[:2 if gpu else 1]}
+  big = jnp.zeros((2**29 if gpu else 2**26,), jnp.float32)
+  increment = jax.jit(lambda x: x + 1)
+  jax.block_until_ready([dot(a, a) for a in operands.values()] + [increment(big)])
+
+  def best_seconds(fn):
+    return min(timed(fn)[1] for _ in range(10))
+
+  def measure():
+    rates = {name: 2 * n**3 / best_seconds(lambda: dot(a, a)) for name, a in operands.items()}
+    rates['memory'] = 2 * big.nbytes / best_seconds(lambda: increment(big))
+    return rates
+  return measure
 
 
-def steps_per_second(step_fn, state, batches) -> tuple[object, float]:
-  """(state, median steps/s over the windows), each window fed by `batches()`."""
+def steps_per_second(step_fn, state, batches, after_each_window=None) -> tuple[object, list]:
+  """(state, steps/s of each window), each window fed by `batches()`, `after_each_window()` run
+  (untimed) after it."""
   for _ in range(FLAGS.warmup_steps):
     state, _ = step_fn(state, batches())
   jax.block_until_ready(state)
@@ -111,7 +131,9 @@ def steps_per_second(step_fn, state, batches) -> tuple[object, float]:
       state, _ = step_fn(state, batches())
     jax.block_until_ready(state)
     rates.append(FLAGS.window_steps / (time.perf_counter() - start))
-  return state, statistics.median(rates)
+    if after_each_window:
+      after_each_window()
+  return state, rates
 
 
 def op_time_shares(step_fn, state, batch) -> tuple[object, dict[str, float]]:
@@ -247,15 +269,35 @@ def benchmark(config) -> dict:
   cost = step_compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   report['gflop_per_step'] = cost['flops'] / 1e9
-  state, rate = steps_per_second(step_compiled, state, lambda: batch)
-  report['steps_per_sec'] = rate
-  report['images_per_sec'] = rate * config.batch_size
-  report['achieved_gflops'] = rate * report['gflop_per_step']
+  # The step has run: its peak memory is reached, before the meter's arrays are allocated.
+  stats = device.memory_stats() if gpu else None
+  if stats and 'peak_bytes_in_use' in stats:
+    report['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
+  # Beside each window, what it is compared with: runs minutes apart drift on a shared machine.
+  meter, machine = machine_meter(gpu), []
+  state, rates = steps_per_second(step_compiled, state, lambda: batch,
+                                  lambda: machine.append(meter()))
+  report['steps_per_sec'] = statistics.median(rates)
+  report['images_per_sec'] = report['steps_per_sec'] * config.batch_size
+  report['achieved_gflops'] = report['steps_per_sec'] * report['gflop_per_step']
+  windows = list(zip(rates, machine))
   # A matmul's FLOP/s as the peak: float32's, and on a GPU bfloat16's (the MFU of a bf16 config).
-  for name, dtype in (('f32', jnp.float32), ('bf16', jnp.bfloat16))[:2 if gpu else 1]:
-    report[f'matmul_peak_gflops_{name}'] = matmul_peak(dtype, 8192 if gpu else 2048) / 1e9
-    report[f'fraction_of_{name}_matmul_peak'] = (report['achieved_gflops'] /
-                                                 report[f'matmul_peak_gflops_{name}'])
+  for name in [name for name in machine[0] if name != 'memory']:
+    report[f'matmul_peak_gflops_{name}'] = statistics.median(m[name] for m in machine) / 1e9
+    report[f'fraction_of_{name}_matmul_peak'] = statistics.median(
+        rate * cost['flops'] / m[name] for rate, m in windows)
+  # The roofline: no step takes less than its FLOPs at the matmul peak of its compute dtype, nor
+  # its bytes at the memory bandwidth. The bytes are XLA's count of every op's operands and
+  # results, as if none stayed in a cache: the bound is an upper bound for small arrays.
+  peak = 'bf16' if 'bf16' in machine[0] and config.model.compute_dtype == 'bfloat16' else 'f32'
+  report['gb_accessed_per_step'] = cost['bytes accessed'] / 1e9
+  report['memory_gb_per_sec'] = statistics.median(m['memory'] for m in machine) / 1e9
+  memory_seconds = report['gb_accessed_per_step'] / report['memory_gb_per_sec']
+  compute_seconds = report['gflop_per_step'] / report[f'matmul_peak_gflops_{peak}']
+  report['roofline_bound'] = 'memory' if memory_seconds > compute_seconds else 'compute'
+  report['fraction_of_roofline'] = statistics.median(
+      rate * max(cost['flops'] / m[peak], cost['bytes accessed'] / m['memory'])
+      for rate, m in windows)
   if FLAGS.profile_steps:
     state, report['op_time_shares'] = op_time_shares(step_compiled, state, batch)
   if FLAGS.time_convolutions:
@@ -266,9 +308,6 @@ def benchmark(config) -> dict:
   # The input pipeline alone (host numpy batches), then feeding the step.
   if not FLAGS.synthetic_data:
     state = pipeline_rates(config, report, state, step_compiled, stream)
-  stats = device.memory_stats() if gpu else None
-  if stats and 'peak_bytes_in_use' in stats:
-    report['peak_memory_gib'] = stats['peak_bytes_in_use'] / 2**30
   return report
 
 
@@ -279,8 +318,8 @@ def pipeline_rates(config, report, state, step_compiled, stream):
   next(host_stream)
   _, seconds = timed(lambda: [next(host_stream) for _ in range(FLAGS.pipeline_batches)])
   report['pipeline_images_per_sec'] = FLAGS.pipeline_batches * config.batch_size / seconds
-  state, report['steps_per_sec_with_pipeline'] = steps_per_second(
-      step_compiled, state, lambda: next(stream))
+  state, rates = steps_per_second(step_compiled, state, lambda: next(stream))
+  report['steps_per_sec_with_pipeline'] = statistics.median(rates)
   stream.close()
   return state
 

@@ -234,6 +234,13 @@ def test_benchmark_reports_every_measure(tmp_path):
               'matmul_peak_gflops_f32', 'pipeline_images_per_sec', 'steps_per_sec_with_pipeline'):
     assert report[key] > 0, key
   assert report['images_per_sec'] == pytest.approx(10 * report['steps_per_sec'])
+  for key in ('gb_accessed_per_step', 'memory_gb_per_sec', 'fraction_of_f32_matmul_peak',
+              'fraction_of_roofline'):
+    assert report[key] > 0, key
+  # The bound that takes longer: the tiny step's bytes at the bandwidth, or its FLOPs at the peak.
+  memory_seconds = report['gb_accessed_per_step'] / report['memory_gb_per_sec']
+  compute_seconds = report['gflop_per_step'] / report['matmul_peak_gflops_f32']
+  assert report['roofline_bound'] == ('memory' if memory_seconds > compute_seconds else 'compute')
   assert report['device'] and report['jax'] == jax.__version__ and report['data'] == 'dataset'
   shares = report['op_time_shares']  # The step's own ops: convolutions among them.
   assert sum(shares.values()) == pytest.approx(1)
