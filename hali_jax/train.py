@@ -329,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     # is initialised (another compilation: on a CPU the two fill both cores, where either alone
     # leaves one idle for a while) or restored (reading files).
     lowering_args = init.eval_shape(), train_iter.batch_spec()
-    step_compiled = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(
+    step_compilation = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(
         lambda: train_step.lower(*lowering_args).compile())
     state, start_step = initial_state(init, manager, train_iter)
     checkpoint.save_config(workdir, config)
@@ -350,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     out_of_time = time_limit(config.stop_after_minutes, config.log_every_steps)
     averages = None
     skips = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    step_compiled.result()  # Its errors are raised here; the first step then finds it compiled.
+    step_compilation.result()  # Its errors are raised here; the first step then finds it compiled.
 
     for step in range(start_step + 1, config.num_train_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
