@@ -147,7 +147,7 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
     choice_key, noise_key, encoder_key = jax.random.split(key, 3)
     chosen = jax.random.choice(choice_key, len(labels), (batch_size,), replace=False)
     x, y = jnp.asarray(images)[chosen], jnp.asarray(labels)[chosen]
-    x = x + model.input_noise_std * jax.random.normal(noise_key, x.shape, x.dtype)
+    x = x + model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
     encoder_keys = jax.random.split(encoder_key, classifier.level)
     zs = _encode(model, g_params, state.batch_stats, x, encoder_keys, train=True,
                  to_level=classifier.level)

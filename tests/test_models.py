@@ -219,6 +219,18 @@ def test_gaussian_layer_reparameterizes_with_explicit_key():
   assert not np.allclose(layer.apply(params, h, jax.random.key(3)).z, g.z)
 
 
+@pytest.mark.parametrize('partitionable', [True, False])
+def test_standard_normal_draws_jax_random_normals_numbers(partitionable):
+  """Drawn flat for XLA:CPU's sake, yet bit for bit jax.random.normal's draw of the shape, in
+  either of threefry's counting modes: the model's random numbers do not depend on it."""
+  with jax.threefry_partitionable(partitionable):
+    for shape, dtype in [((3, 5, 7, 2), jnp.float32), ((6, 9), jnp.bfloat16), ((4,), jnp.float32)]:
+      key = jax.random.key(5)
+      drawn = jax.jit(models.standard_normal, static_argnums=(1, 2))(key, shape, dtype)
+      assert drawn.shape == shape and drawn.dtype == dtype
+      np.testing.assert_array_equal(drawn, jax.random.normal(key, shape, dtype))
+
+
 def test_step_keys_are_distinct_per_purpose_and_step():
   base = jax.random.key(0)
   keys = [models.split_keys(jax.random.fold_in(base, step), 3) for step in range(3)]
