@@ -356,7 +356,7 @@ def _activation(name: str, slope: float):
 def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
   """jax.random.normal(key, shape, dtype), drawn as one flat vector: the same numbers (threefry
   counts over the flat index). On a CPU jax runs threefry's rounds as a loop whose state has the
-  draw's shape, and XLA:CPU unrolled its [B, H, W, C] loop nests into kernels 50x their size:
+  draw's shape, and XLA:CPU unrolled its [B, H, W, C] loop nests 25-56 fold:
   drawn flat, the MNIST train steps compile 3.5 s sooner (experiments/BENCHMARKS.md)."""
   return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
