@@ -231,6 +231,23 @@ def test_standard_normal_draws_jax_random_normals_numbers(partitionable):
       np.testing.assert_array_equal(drawn, jax.random.normal(key, shape, dtype))
 
 
+def test_every_random_draw_of_the_model_reaches_xla_flat():
+  """threefry's rounds are a while loop over the draw's shape; XLA:CPU unrolled the loop nest of
+  a [B, H, W, C] one into 25-56 times the code (experiments/BENCHMARKS.md). Every draw of the
+  training forward pass (noise, Gaussian layers, prior, dropout) must loop over a vector."""
+  a = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  x = jnp.zeros((4, 28, 28, 1))
+  keys = models.split_keys(jax.random.key(1), 2)
+  model = models.HALI(a)
+  variables = jax.eval_shape(model.init, {'params': jax.random.key(2)}, x, keys)
+  forward = lambda v, x, k: model.apply(v, x, k, rngs={'dropout': k['dropout']},
+                                        mutable=['batch_stats'])
+  text = jax.jit(forward).lower(variables, x, keys).as_text()
+  loops = ' '.join(line for line in text.splitlines() if 'stablehlo.while' in line)
+  shapes = set(re.findall(r'tensor<([\dx]+)xui32>', loops))
+  assert '784' in shapes and not [s for s in shapes if 'x' in s], shapes
+
+
 def test_step_keys_are_distinct_per_purpose_and_step():
   base = jax.random.key(0)
   keys = [models.split_keys(jax.random.fold_in(base, step), 3) for step in range(3)]
