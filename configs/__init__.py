@@ -2,7 +2,8 @@
 
 Every config starts from hali_jax/default_config.py (where each field is documented) and
 overrides what differs. Options, comma-separated after the colon (configs/mnist.py:tiny,ali):
-  tiny  small widths and latents, global batch 8, 4 steps: runs on a CPU in well under a minute.
+  tiny  small widths and latents, global batch 8, 4 steps, compiled quickly (quick_compile):
+        runs on a CPU in well under a minute.
   ali   one latent level (model.num_levels = 1): ALI, the paper's baseline.
 A config may accept more (celeba.py: 64).
 """
@@ -47,3 +48,4 @@ def apply_options(config: ml_collections.ConfigDict, options: set[str]) -> None:
     config.eval_every_steps = 2
     config.checkpoint_every_steps = 2
     config.input.eval_batch_size = 8
+    config.quick_compile = True

@@ -250,7 +250,7 @@ def benchmark(config) -> dict:
   train_step = methods.make_train_step(config, model, mesh)
   step_compiled, compiles['train_step'] = compile_seconds(train_step, state, batch)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  evaluate = train.make_evaluate(model, mesh, config.input.eval_batch_size)
+  evaluate = train.make_evaluate(model, mesh, config.input.eval_batch_size, config.quick_compile)
   _, compiles['evaluate'] = compile_seconds(evaluate, variables, eval_x, jax.random.PRNGKey(0))
   state, metrics = step_compiled(state, batch)
   averages = train.metric_averages(metrics)
@@ -259,7 +259,8 @@ def benchmark(config) -> dict:
   _, compiles['count_skips'] = compile_seconds(train.count_skips, skips, metrics['skipped'], 1,
                                                config.max_consecutive_skips)
   # Before each checkpoint.
-  _, compiles['all_finite'] = compile_seconds(train.make_finiteness_check(mesh), state)
+  all_finite = train.make_finiteness_check(mesh, config.quick_compile)
+  _, compiles['all_finite'] = compile_seconds(all_finite, state)
   test_errors = train.make_test_errors(config, model)
   if test_errors:
     _, compiles['test_errors'] = timed(lambda: test_errors(variables))  # Its first call compiles.

@@ -53,7 +53,8 @@ def state_initializer(config: ml_collections.ConfigDict, model: models.HALI, ima
                       mesh) -> Callable[[], step_lib.TrainState]:
   """The jitted initializer of the state, replicated on `mesh` (call it, or its .eval_shape())."""
   tx_g, tx_d = step_lib.make_optimizers(config)
-  return step_lib.jit_initializer(init_fn(config, model, image_shape, tx_g, tx_d), mesh)
+  return step_lib.jit_initializer(init_fn(config, model, image_shape, tx_g, tx_d), mesh,
+                                  config.quick_compile)
 
 
 def create_state(config: ml_collections.ConfigDict, model: models.HALI, image_shape,
@@ -66,10 +67,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh)
   """step(state, global batch) -> (state, metrics), jitted over `mesh`."""
   tx_g, tx_d = step_lib.make_optimizers(config)
   if config.method == 'vae':
-    return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std)
+    return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std, config.quick_compile)
   head = classifier(config, model)
   term = None if head is None else semisup.make_generator_term(
       model, head, semisup.load_labelled(config), config.semisup.weight,
       config.semisup.batch_size)
   return step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh, config.optim.update_order,
-                                          term)
+                                          term, config.quick_compile)

@@ -489,14 +489,27 @@ CPU_COMPILER_OPTIONS = {
         'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}
 
 
-def compiler_options(mesh=None, options: dict | None = None) -> dict | None:
+# config.quick_compile: a run of a few steps (the `tiny` configs) spends its time compiling code
+# it runs a few times. Without LLVM's optimisations and with XLA:CPU's older fusion emitters,
+# configs/mnist.py:tiny's train step compiled in 3.7-5.0 s instead of 12.3-14.1 s and ran 20-25 ms
+# instead of 10-13; a cold run of it compiled for 8-10 s instead of 20-22 (experiments/
+# BENCHMARKS.md, "Compiling a short run quickly").
+QUICK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
+                          'xla_cpu_use_fusion_emitters': False}
+
+
+def compiler_options(mesh=None, options: dict | None = None,
+                     quick: bool = False) -> dict | None:
   """jax.jit's compiler_options for a program on `mesh`'s devices (default: jax's default
   backend): on a CPU whose XLA accepts them, `options`, by default CPU_COMPILER_OPTIONS (for the
-  programs that run the networks repeatedly); elsewhere none."""
+  programs that run the networks repeatedly), with QUICK_COMPILER_OPTIONS over them if `quick`;
+  elsewhere none."""
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
   if platform != 'cpu':
     return None
   options = CPU_COMPILER_OPTIONS if options is None else options
+  if quick:
+    options = {**options, **QUICK_COMPILER_OPTIONS}
   return options if _xla_cpu_accepts(tuple(options.items())) else None
 
 

@@ -118,10 +118,11 @@ def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int) -> TrainSta
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
-def jit_initializer(init: Callable[[], TrainState], mesh) -> Callable[[], TrainState]:
+def jit_initializer(init: Callable[[], TrainState], mesh,
+                    quick_compile: bool = False) -> Callable[[], TrainState]:
   """A pure state initializer jitted to produce its state replicated on the mesh."""
-  return jax.jit(init, out_shardings=replicated(mesh),
-                 compiler_options=models.compiler_options(mesh, INIT_COMPILER_OPTIONS))
+  return jax.jit(init, out_shardings=replicated(mesh), compiler_options=models.compiler_options(
+      mesh, INIT_COMPILER_OPTIONS, quick=quick_compile))
 
 
 def initialize(init: Callable[[], TrainState], mesh) -> TrainState:
@@ -243,13 +244,14 @@ def guard(state: TrainState, new_state: TrainState, metrics: dict) -> tuple[Trai
 
 
 def make_sharded_train_step(model, tx_g, tx_d, mesh, update: str = 'simultaneous',
-                            generator_term: GeneratorTerm | None = None) -> Callable:
+                            generator_term: GeneratorTerm | None = None,
+                            quick_compile: bool = False) -> Callable:
   """`train_step` jitted over `mesh`: call it as step(state, batch) -> (state, metrics)."""
   step = functools.partial(train_step, model=model, tx_g=tx_g, tx_d=tx_d, update=update,
                            generator_term=generator_term)
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
-                 compiler_options=models.compiler_options(mesh))
+                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
 
 
 def put_batch(batch: dict, mesh) -> dict:

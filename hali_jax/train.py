@@ -218,13 +218,13 @@ def count_skips(skips: tuple[jax.Array, jax.Array], skipped: jax.Array, step: in
   return in_a_row, jnp.where((reached_at == 0) & (in_a_row >= limit), step, reached_at)
 
 
-def make_finiteness_check(mesh) -> Callable:
+def make_finiteness_check(mesh, quick_compile: bool = False) -> Callable:
   """step.all_finite jitted for the state, checked before each checkpoint. It runs that rarely,
   so on a CPU it is compiled like the state initializer, without LLVM's optimisations: for the
   lean MNIST state in 1.1-1.3 s instead of 1.6-1.9, then running 24 ms instead of 6
   (experiments/BENCHMARKS.md)."""
-  return jax.jit(step_lib.all_finite,
-                 compiler_options=models.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS))
+  return jax.jit(step_lib.all_finite, compiler_options=models.compiler_options(
+      mesh, step_lib.INIT_COMPILER_OPTIONS, quick=quick_compile))
 
 
 def check_divergence(config, workdir: str, reached_at: int, last_checkpoint: int | None) -> None:
@@ -245,7 +245,8 @@ def check_divergence(config, workdir: str, reached_at: int, last_checkpoint: int
 # --------------------------------------------------------------------------------------------
 
 
-def make_evaluate(model: models.HALI, mesh, num_samples: int) -> Callable:
+def make_evaluate(model: models.HALI, mesh, num_samples: int,
+                  quick_compile: bool = False) -> Callable:
   """evaluate(variables, images, key) -> (errors, reconstructions per level, prior samples).
 
   errors['reconstruction_mse/level_l'] is the mean squared error, in the model's [-1, 1]
@@ -261,7 +262,7 @@ def make_evaluate(model: models.HALI, mesh, num_samples: int) -> Callable:
     return errors, reconstructions, analysis.sample(model, variables, key, num_samples)
 
   return jax.jit(evaluate, out_shardings=step_lib.replicated(mesh),
-                 compiler_options=models.compiler_options(mesh))
+                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
 
 
 def make_test_errors(config: ml_collections.ConfigDict,
@@ -342,8 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                  config.num_train_steps)
 
     test_errors = make_test_errors(config, model)
-    evaluate = make_evaluate(model, mesh, config.input.eval_batch_size)
-    all_finite = make_finiteness_check(mesh)
+    evaluate = make_evaluate(model, mesh, config.input.eval_batch_size, config.quick_compile)
+    all_finite = make_finiteness_check(mesh, config.quick_compile)
     # Fixed prior draws: the sample grids of successive evaluations show the same z.
     sample_key = step_lib.run_keys(config.seed)['eval_samples']
     progress = writers.Progress(start_step, config.num_train_steps)

@@ -112,9 +112,10 @@ def vae_train_step(state: step.TrainState, batch: dict, *, model: models.HALI, t
   return step.guard(state, new_state, metrics)
 
 
-def make_sharded_vae_step(model: models.HALI, tx_g, mesh, x_std: float) -> Callable:
+def make_sharded_vae_step(model: models.HALI, tx_g, mesh, x_std: float,
+                          quick_compile: bool = False) -> Callable:
   """`vae_train_step` jitted over `mesh`, as `step.make_sharded_train_step`: step(state, batch)."""
   vae_step = functools.partial(vae_train_step, model=model, tx_g=tx_g, x_std=x_std)
   return jax.jit(vae_step, in_shardings=(step.replicated(mesh), step.batch_sharding(mesh)),
                  out_shardings=(step.replicated(mesh), step.replicated(mesh)), donate_argnums=0,
-                 compiler_options=models.compiler_options(mesh))
+                 compiler_options=models.compiler_options(mesh, quick=quick_compile))

@@ -30,6 +30,7 @@ from tensorboardX.proto import event_pb2
 from configs import mnist
 from hali_jax import checkpoint
 from hali_jax import methods
+from hali_jax import models
 from hali_jax import train
 from hali_jax import workdir_lock
 from hali_jax.errors import UserError
@@ -184,6 +185,26 @@ def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path, caplog):
                  if r.getMessage().startswith('Compiling jit(train_step)')]
   assert len(compiled_in) == 1 and compiled_in[0] != 'MainThread', compiled_in
   check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
+
+
+def test_quick_compile_reaches_every_program_the_training_loop_compiles(tmp_path, monkeypatch):
+  """config.quick_compile (which `tiny` sets) asks for models.QUICK_COMPILER_OPTIONS for the
+  state's initializer, the step, the evaluation and the finiteness check, and XLA accepts them."""
+  asked = []
+
+  def spy(mesh=None, options=None, quick=False):
+    asked.append(quick)
+    return compiler_options(mesh, options, quick)
+
+  compiler_options = models.compiler_options
+  monkeypatch.setattr(models, 'compiler_options', spy)
+  assert tiny_config().quick_compile and not mnist.get_config().quick_compile
+  with mock_tfds(MOCK_EXAMPLES):
+    train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
+  assert asked == [True] * 4, asked
+  if jax.default_backend() == 'cpu':
+    assert compiler_options(quick=True) == {**models.CPU_COMPILER_OPTIONS,
+                                            **models.QUICK_COMPILER_OPTIONS}
 
 
 def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
