@@ -29,7 +29,9 @@ Reports, as a markdown table (printed, and DIR/pytorch_twin.md) and JSON (DIR/py
     --warmup_steps untimed steps of each, --rounds rounds alternate --round_steps jax steps, then
     --round_steps twin steps, each timed alone; the medians over the rounds (and every round's
     rate) and their ratio jax / torch. With --timed=jax or --timed=torch only that step runs
-    (the other's threads and memory stay idle: the ratio then comes from two processes). The
+    (the other's threads and memory stay idle: the ratio then comes from two processes; on our
+    2-core VM, torch's steps made the jax step's page faults several times as costly in a
+    shared process, experiments/BENCHMARKS.md). The
     jax step is the training program's (its metrics and divergence guard included); the twin's
     computes the two losses and the updates only.
 """
