@@ -187,16 +187,16 @@ def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path, caplog):
   check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
 
 
-def test_quick_compile_reaches_every_program_the_training_loop_compiles(tmp_path, monkeypatch):
+def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_check(
+    tmp_path, monkeypatch):
   """config.quick_compile (which `tiny` sets) asks for models.QUICK_COMPILER_OPTIONS for the
   state's initializer, the step, the evaluation and the finiteness check, and XLA accepts them."""
-  asked = []
+  compiler_options, asked = models.compiler_options, []
 
   def spy(mesh=None, options=None, quick=False):
     asked.append(quick)
     return compiler_options(mesh, options, quick)
 
-  compiler_options = models.compiler_options
   monkeypatch.setattr(models, 'compiler_options', spy)
   assert tiny_config().quick_compile and not mnist.get_config().quick_compile
   with mock_tfds(MOCK_EXAMPLES):
