@@ -493,7 +493,8 @@ CPU_COMPILER_OPTIONS = {
 # it runs a few times. Without LLVM's optimisations and with XLA:CPU's older fusion emitters,
 # configs/mnist.py:tiny's train step compiled in 3.7-5.0 s instead of 12.3-14.1 s and ran 20-25 ms
 # instead of 10-13; a cold run of it compiled for 8-10 s instead of 20-22 (experiments/
-# BENCHMARKS.md, "Compiling a short run quickly").
+# BENCHMARKS.md, "Compiling a short run quickly"). jaxlib 0.11's XLA has only the new emitters:
+# there, compiler_options() leaves that option out.
 QUICK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
                           'xla_cpu_use_fusion_emitters': False}
 
@@ -501,28 +502,30 @@ QUICK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
 def compiler_options(mesh=None, options: dict | None = None,
                      quick: bool = False) -> dict | None:
   """jax.jit's compiler_options for a program on `mesh`'s devices (default: jax's default
-  backend): on a CPU whose XLA accepts them, `options`, by default CPU_COMPILER_OPTIONS (for the
-  programs that run the networks repeatedly), with QUICK_COMPILER_OPTIONS over them if `quick`;
-  elsewhere none."""
+  backend): on a CPU, `options`, by default CPU_COMPILER_OPTIONS (for the programs that run the
+  networks repeatedly), with QUICK_COMPILER_OPTIONS over them if `quick`, less any this XLA
+  does not know; elsewhere none."""
   platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
   if platform != 'cpu':
     return None
   options = CPU_COMPILER_OPTIONS if options is None else options
   if quick:
     options = {**options, **QUICK_COMPILER_OPTIONS}
-  return options if _xla_cpu_accepts(tuple(options.items())) else None
+  accepted = {name: value for name, value in options.items() if _xla_cpu_accepts(name, value)}
+  return accepted or None
 
 
 @functools.cache
-def _xla_cpu_accepts(options: tuple) -> bool:
-  # An option another jaxlib renamed or dropped must slow the program, not stop the run.
+def _xla_cpu_accepts(name: str, value) -> bool:
+  # An option another jaxlib renamed or dropped must slow the program, not stop the run (jaxlib
+  # 0.11's XLA no longer has xla_cpu_use_fusion_emitters, for one).
   try:
-    jax.jit(jnp.negative, compiler_options=dict(options)).lower(
+    jax.jit(jnp.negative, compiler_options={name: value}).lower(
         jax.ShapeDtypeStruct((), jnp.float32)).compile()
     return True
   except jax.errors.JaxRuntimeError as e:
-    logging.warning('XLA:CPU refused the compiler options %s (%s); compiling with its defaults, '
-                    'which are slower here.', dict(options), str(e).splitlines()[0])
+    logging.warning('XLA:CPU refused the compiler option %s=%r (%s); compiling without it.',
+                    name, value, str(e).splitlines()[0])
     return False
 
 

@@ -1,5 +1,6 @@
 """Shared test set-up. Runs before any test module imports jax."""
 
+import importlib.metadata
 import os
 import pathlib
 import tempfile
@@ -9,9 +10,13 @@ import pytest
 # Tests check behaviour, not speed: without LLVM optimisation XLA's CPU backend compiles our
 # networks ~3x faster, and its older (LLVM IR) fusion emitters compile a tiny train step in
 # about half the time of the default MLIR ones at that level (experiments/BENCHMARKS.md,
-# "The test suite's compile time"), which keeps the suite within CI's budget. Appended, so a
+# "The test suite's compile time"), which keeps the suite within CI's budget. jaxlib 0.11's XLA
+# has only the new emitters, and an unknown flag in XLA_FLAGS aborts the process. Appended, so a
 # test may still add flags (e.g. fake devices) in its subprocesses.
-for flag in ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false'):
+SUITE_XLA_FLAGS = ['--xla_backend_optimization_level=0']
+if tuple(map(int, importlib.metadata.version('jaxlib').split('.')[:2])) < (0, 11):
+  SUITE_XLA_FLAGS.append('--xla_cpu_use_fusion_emitters=false')
+for flag in SUITE_XLA_FLAGS:
   if flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')

@@ -171,9 +171,10 @@ def test_state_initializer_compiles_unoptimised_on_cpus_to_the_same_state(two_le
   tx_g, tx_d = step_lib.make_optimizers(config)
   init = functools.partial(step_lib.init_state, model, IMAGE_SHAPE, tx_g, tx_d, config.seed)
   # XLA's defaults are also its default fusion emitters, which conftest.py turns off for the
-  # suite; with the older ones this compile takes twice as long (40 instead of 19 s).
+  # suite where this XLA has the older ones; with those this compile takes twice as long (40
+  # instead of 19 s).
   defaults = {'xla_backend_optimization_level': 3, 'xla_cpu_use_fusion_emitters': True}
-  optimised = jax.jit(init, compiler_options=defaults)()
+  optimised = jax.jit(init, compiler_options=models.compiler_options(mesh, defaults))()
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(optimised)):
     if jnp.issubdtype(a.dtype, jnp.floating):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -202,9 +202,11 @@ def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_ch
   with mock_tfds(MOCK_EXAMPLES):
     train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
   assert asked == [True] * 4, asked
-  if jax.default_backend() == 'cpu':
-    assert compiler_options(quick=True) == {**models.CPU_COMPILER_OPTIONS,
-                                            **models.QUICK_COMPILER_OPTIONS}
+  if jax.default_backend() == 'cpu':  # Without LLVM's optimisations, whatever else this XLA knows.
+    quick = compiler_options(quick=True)
+    assert quick['xla_backend_optimization_level'] == 0
+    assert quick.items() <= {**models.CPU_COMPILER_OPTIONS,
+                             **models.QUICK_COMPILER_OPTIONS}.items()
 
 
 def test_time_limit_ends_the_run_as_its_last_step(straight, tmp_path):
