@@ -98,10 +98,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.max_consecutive_skips = 20
   c.seed = 0
   # On a CPU, compile the state's initializer, the step, the evaluation and the finiteness check
-  # for a short run: without LLVM's optimisations and with XLA's older fusion emitters
-  # (models.QUICK_COMPILER_OPTIONS), about 3x sooner, each step then ~2x slower. For runs of a
-  # few steps; the `tiny` option sets it. It rounds floats differently, so a resumed run is
-  # bitwise the uninterrupted one only if both share it.
+  # for a short run: without LLVM's optimisations and, where XLA has them (jaxlib 0.10), with its
+  # older fusion emitters (models.QUICK_COMPILER_OPTIONS), about 3x sooner, each step then ~2x
+  # slower. For runs of a few steps; the `tiny` option sets it. It rounds floats differently, so
+  # a resumed run is bitwise the uninterrupted one only if both share it.
   c.quick_compile = False
 
   # --- Logging, evaluation, checkpoints -------------------------------------------------------

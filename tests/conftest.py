@@ -13,8 +13,10 @@ import pytest
 # "The test suite's compile time"), which keeps the suite within CI's budget. jaxlib 0.11's XLA
 # has only the new emitters, and an unknown flag in XLA_FLAGS aborts the process. Appended, so a
 # test may still add flags (e.g. fake devices) in its subprocesses.
+JAXLIB_VERSION = tuple(map(int, importlib.metadata.version('jaxlib').split('.')[:2]))
+XLA_HAS_OLDER_EMITTERS = JAXLIB_VERSION < (0, 11)
 SUITE_XLA_FLAGS = ['--xla_backend_optimization_level=0']
-if tuple(map(int, importlib.metadata.version('jaxlib').split('.')[:2])) < (0, 11):
+if XLA_HAS_OLDER_EMITTERS:
   SUITE_XLA_FLAGS.append('--xla_cpu_use_fusion_emitters=false')
 for flag in SUITE_XLA_FLAGS:
   if flag.split('=')[0] not in os.environ.get('XLA_FLAGS', ''):
