@@ -48,4 +48,7 @@ def apply_options(config: ml_collections.ConfigDict, options: set[str]) -> None:
     config.eval_every_steps = 2
     config.checkpoint_every_steps = 2
     config.input.eval_batch_size = 8
+    config.probes.train_examples = 16
+    config.probes.test_examples = 8
+    config.probes.batch_size = 8
     config.quick_compile = True

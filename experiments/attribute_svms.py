@@ -11,7 +11,9 @@ MNIST, CIFAR-10 and SVHN train on the first 10000 training images and score on `
 Rows: raw pixels; each distinct encoder among the runs at initialisation ("untrained NAME z<l>");
 each level of each run ("NAME z<l>"), from the latest checkpoint. Writes attribute_svms.csv/.md
 (per attribute, Table 6), attribute_svms_summary.csv/.md (Table 2) and attribute_svms_c.csv (the
-C chosen for each row and attribute).
+C chosen for each row and attribute). For a dataset with classes also class_probes.csv/.md: per
+row, the test accuracy (%) of a multinomial logistic regression and of the 1-nearest neighbour
+on the same training and test examples (hali_jax/probes.py, the probes of training).
 """
 
 from absl import flags
@@ -20,6 +22,7 @@ from absl import logging
 import common
 import comparison
 from hali_jax import input_pipeline
+from hali_jax import probes
 from hali_jax import representation
 from hali_jax.errors import UserError
 
@@ -53,8 +56,17 @@ def main(argv):
   test_images, test_attributes = comparison.test_set(config)
   names = input_pipeline.attribute_names(config)
 
-  scores, chosen_cs = {}, []
+  num_classes = input_pipeline.num_classes(config)
+  # One-vs-rest indicators of classes: the class is the indicator that is set.
+  train_labels, test_labels = train_attributes.argmax(1), test_attributes.argmax(1)
+  scores, chosen_cs, class_probes = {}, [], []
   for row, train, test in feature_rows(restored, train_images, test_images):
+    if num_classes:
+      class_probes.append(dict(row=row, logistic=100 * probes.logistic_accuracy(
+          train, train_labels, test, test_labels, num_classes), nn=100 * (
+              probes.nearest_neighbour_accuracy(train, train_labels, test, test_labels))))
+      logging.info('%s: logistic %.2f%%, 1-NN %.2f%%', row, class_probes[-1]['logistic'],
+                   class_probes[-1]['nn'])
     # The test split's attributes are not passed: the SVMs cannot see them.
     predictions, cs = representation.svm_predictions(train, train_attributes, test,
                                                      seed=FLAGS.seed)
@@ -64,6 +76,8 @@ def main(argv):
                  scores[row].mean())
   comparison.save_tables('attribute_svms', scores, names)
   common.save_table('attribute_svms_c', chosen_cs, decimals=4)
+  if class_probes:
+    common.save_table('class_probes', class_probes, decimals=2)
 
 
 if __name__ == '__main__':

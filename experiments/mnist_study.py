@@ -10,8 +10,10 @@ One command, a pipeline of the project's own commands (each printed before it ru
      Run the command again to resume: a model's used time is kept in DIR/<name>/study_time.json,
      and a model whose budget is spent is not trained again;
   2. experiments/attribute_svms.py (Table 2's analogue: linear SVMs on every level, raw pixels and
-     the untrained encoders), experiments/attribute_preservation.py (Table 1's analogue) and
-     experiments/sample_quality.py (Frechet distance) over the three runs, into DIR/tables;
+     the untrained encoders, with the 10-class logistic and 1-NN accuracies beside it),
+     experiments/attribute_preservation.py (Table 1's analogue), experiments/sample_quality.py
+     (Frechet distance) and experiments/probe_curves.py (the probes across training) over the
+     three runs, into DIR/tables;
   3. per model, experiments/reconstruction_error.py (Fig. 3: Euclidean and d_c per level for every
      checkpoint, with the mean-image and random-pairs baselines), experiments/samples.py and
      experiments/reconstructions.py, into DIR/<name>/analysis;
@@ -132,6 +134,7 @@ def main(argv):
   run(['experiments/attribute_svms.py', *shared, *svm_flags])
   run(['experiments/attribute_preservation.py', *shared])
   run(['experiments/sample_quality.py', *shared])
+  run(['experiments/probe_curves.py', shared[0], f'--output_dir={tables}'])
 
   # 3. Each model's figures and reconstruction errors.
   for name, workdir in workdirs.items():
@@ -151,6 +154,11 @@ def main(argv):
   lines.append('')
   lines.append(section('Linear SVMs on encoder features, balanced accuracy (%) (Table 2)',
                        os.path.join(tables, 'attribute_svms_summary.md')))
+  lines.append(section('10-class probes on the same features: logistic regression and 1-NN '
+                       'test accuracy (%)', os.path.join(tables, 'class_probes.md')))
+  lines.append(section('The probes of training at the last evaluation (5000 training and 2000 '
+                       'test images; accuracies in %)', os.path.join(tables, 'probe_curves.md')))
+  lines.append(f'Probes across training: {tables}/probe_curves.png\n')
   lines.append(section('Attribute preservation of reconstructions, % of the data row '
                        '(Table 1)', os.path.join(tables, 'attribute_preservation_summary.md')))
   lines.append(section('Sample quality: Frechet distance in the attribute classifier\'s '

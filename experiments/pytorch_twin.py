@@ -1,6 +1,6 @@
 """An eager PyTorch twin of hali_jax's networks and train step, and both steps' speeds (issue 10).
 
-  python experiments/pytorch_twin.py --config=configs/mnist.py [--config.data_dir=...]
+  python experiments/pytorch_twin.py --config=configs/mnist.py:lean [--config.data_dir=...]
       [--rounds=5] [--round_steps=10] [--warmup_steps=3] [--timed=both|jax|torch]
       [--output_dir=DIR]
 
@@ -525,6 +525,9 @@ def compare(config) -> dict:
     raise UserError('The twin implements HALI with the simultaneous update only: '
                     '--config.method=hali, --config.semisup.enabled=False, '
                     '--config.optim.update_order=simultaneous.')
+  if config.model.arch == 'mlp' or config.model.mean_init != 'default':
+    raise UserError('The twin mirrors the convolutional architectures with flax\'s default '
+                    'initialisation: choose one (e.g. --config=configs/mnist.py:lean).')
   mesh = train.create_mesh(config)
   image_shape = input_pipeline.dataset_image_shape(config)
   model = models.create_model(config.model, image_shape)

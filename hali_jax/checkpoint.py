@@ -172,7 +172,7 @@ def _check_variables_match(stored_state, variables: dict, workdir: str, step: in
   """
   shapes = lambda tree: {_path_name(path): tuple(leaf.shape) for path, leaf
                          in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  stored = shapes({k: stored_state[k] for k in variables})
+  stored = shapes({k: stored_state[k] for k in variables if k in stored_state})
   wanted = shapes(variables)
   names = sorted(name for name in stored.keys() | wanted.keys()
                  if stored.get(name) != wanted.get(name))
@@ -191,7 +191,8 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state) -> tuple[Any,
   def restore_step(step):
     _check_variables_match(_stored_tree(manager, step),
                            {'params': abstract_state.params,
-                            'batch_stats': abstract_state.batch_stats}, _workdir(manager), step)
+                            'batch_stats': abstract_state.batch_stats,
+                            'ema': abstract_state.ema}, _workdir(manager), step)
     restored = manager.restore(step, args=ocp.args.Composite(**{
         STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
     return restored[STATE], restored[DATA]
@@ -291,11 +292,12 @@ def all_steps(workdir: str) -> list[int]:
 
 
 def _abstract_variables(config, model: models.HALI, image_shape, sharding) -> dict:
-  """Shapes of params and batch_stats, placed by `sharding`; no optimizer involved."""
+  """Shapes of params, batch_stats and their moving averages (ema), placed by `sharding`; no
+  optimizer involved."""
   # The run's own initial state with identity optimizers: its variables, no optimizer state.
   state = jax.eval_shape(methods.init_fn(config, model, image_shape, optax.identity(),
                                          optax.identity()))
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  variables = {'params': state.params, 'batch_stats': state.batch_stats, 'ema': state.ema}
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                       variables)
 
@@ -303,8 +305,10 @@ def _abstract_variables(config, model: models.HALI, image_shape, sharding) -> di
 def restore(workdir: str, step: int | None = None) -> Restored:
   """The model and variables of DIR's checkpoint at `step` (latest by default).
 
-  Restores only params and batch_stats (not the optimizer states), replicated on this
-  process's devices, whatever the number of devices the run was trained on.
+  Restores only the variables (not the optimizer states), replicated on this process's
+  devices, whatever the number of devices the run was trained on: the generator side's moving
+  averages (config.optim.ema_decay; with 0, its current values) and D's parameters
+  (`step.evaluation_variables`).
   """
   config = load_config(workdir)
   image_shape = input_pipeline.dataset_image_shape(config)
@@ -324,7 +328,7 @@ def restore(workdir: str, step: int | None = None) -> Restored:
     restored = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True)}))
-    return dict(restored[STATE])
+    return step_lib.evaluation_variables(_AsState(**restored[STATE]))
 
   with _manager(workdir, ocp.PyTreeCheckpointHandler(),
                 ocp.CheckpointManagerOptions(create=False)) as manager:
@@ -348,4 +352,11 @@ def initial(config: ml_collections.ConfigDict) -> Restored:
   model = models.create_model(config.model, image_shape)
   init = methods.init_fn(config, model, image_shape, optax.identity(), optax.identity())
   state = step_lib.initialize(init, step_lib.make_mesh(jax.local_devices()))
-  return Restored(config, model, {'params': state.params, 'batch_stats': state.batch_stats}, 0)
+  return Restored(config, model, step_lib.evaluation_variables(state), 0)
+
+
+class _AsState(NamedTuple):
+  """The part of a TrainState that `restore` reads."""
+  params: Any
+  batch_stats: Any
+  ema: Any

@@ -44,6 +44,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.z_dim = 256  # Size of the top latent z_L (a vector).
   # Initial log-variance of every Gaussian kernel (the bias of its log-variance head).
   c.model.logvar_init = 0.0
+  # Initialisation of every Gaussian kernel's mean head: 'default' (flax's LeCun normal) or
+  # 'unit' (He's, for leaky ReLU: latent means start at about unit variance, the prior's scale).
+  c.model.mean_init = 'default'
   c.model.input_noise_std = 0.2  # Gaussian noise on the inputs of the encoder and discriminator.
   c.model.dropout = True  # Discriminator dropout (off: none at all).
   # Its rates: 'table' (Table 4's dropout column) or 'text' (sec. 4: "dropout every 3 layers with
@@ -64,6 +67,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # 'sequential': the discriminator steps first; the generator then steps against the updated
   # discriminator on the same samples.
   c.optim.update_order = 'simultaneous'
+  # Decay of the exponential moving average of the encoder's and decoder's parameters and batch
+  # statistics (the classifier's too), which evaluation, the probes and checkpoint.restore use;
+  # 0: off (they use the current values).
+  c.optim.ema_decay = 0.0
 
   # --- Semi-supervised HALI (sec. 7.2; hali_jax/semisup.py) -----------------------------------
   c.semisup = ml_collections.ConfigDict()
@@ -103,6 +110,19 @@ def get_default_config() -> ml_collections.ConfigDict:
   # slower. For runs of a few steps; the `tiny` option sets it. It rounds floats differently, so
   # a resumed run is bitwise the uninterrupted one only if both share it.
   c.quick_compile = False
+
+  # --- Probes at every evaluation (hali_jax/probes.py) ----------------------------------------
+  # Per level: logistic-regression and 1-NN accuracy, reconstruction error; D's accuracy on each
+  # side; baselines (raw pixels, the untrained encoder, the mean image) once per run.
+  c.probes = ml_collections.ConfigDict()
+  c.probes.enabled = True
+  c.probes.train_examples = 5000  # The first images of the training split: the probes fit here.
+  c.probes.test_examples = 2000  # Scored here (fewer if the split has fewer).
+  # The split scored; None: config.input.eval_split. The training split itself means its last
+  # test_examples images (held-out training data: choose settings without the test split).
+  c.probes.test_split = ml_collections.config_dict.placeholder(str)
+  c.probes.l2 = 1e-3  # The logistic regression's weight decay, on standardised features.
+  c.probes.batch_size = 500  # Images per forward pass.
 
   # --- Logging, evaluation, checkpoints -------------------------------------------------------
   c.log_every_steps = 100
@@ -164,6 +184,7 @@ FIELD_RULES = {
     'model.z_channels': _POSITIVE_INT,
     'model.z_dim': _POSITIVE_INT,
     'model.logvar_init': _number(float),
+    'model.mean_init': _one_of('default', 'unit'),
     'model.input_noise_std': _number(float, 0),
     'model.dropout': _of_type(bool, 'True or False'),
     'model.dropout_rates': _one_of('table', 'text'),
@@ -173,6 +194,7 @@ FIELD_RULES = {
     'optim.b1': _number(float, 0, 1, high_open=True),
     'optim.b2': _number(float, 0, 1, high_open=True),
     'optim.update_order': _one_of('simultaneous', 'sequential'),
+    'optim.ema_decay': _number(float, 0, 1, high_open=True),
     'semisup.enabled': _of_type(bool, 'True or False'),
     'semisup.labels_per_class': _POSITIVE_INT,
     'semisup.label_seed': _number(int, 0),
@@ -181,6 +203,12 @@ FIELD_RULES = {
     'semisup.batch_size': _POSITIVE_INT,
     'semisup.eval_batch_size': _POSITIVE_INT,
     'vae.x_std': _number(float, 0, low_open=True),
+    'probes.enabled': _of_type(bool, 'True or False'),
+    'probes.train_examples': _POSITIVE_INT,
+    'probes.test_examples': _POSITIVE_INT,
+    'probes.test_split': ((lambda v: v is None or isinstance(v, str)), 'a split name, or None'),
+    'probes.l2': _number(float, 0),
+    'probes.batch_size': _POSITIVE_INT,
     'batch_size': _POSITIVE_INT,
     'num_train_steps': _POSITIVE_INT,
     'stop_after_minutes': _number(float, 0),

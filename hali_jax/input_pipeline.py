@@ -298,9 +298,10 @@ def create_train_iterator(config: ml_collections.ConfigDict,
   return TrainIterator(dataset, sharding, config.input.prefetch)
 
 
-def load_split(config: ml_collections.ConfigDict, split: str,
-               limit: int | None = None) -> dict[str, np.ndarray]:
-  """The first `limit` examples of `split` (all by default), preprocessed, as numpy.
+def load_split(config: ml_collections.ConfigDict, split: str, limit: int | None = None,
+               last: bool = False) -> dict[str, np.ndarray]:
+  """The first `limit` examples of `split` (all by default), or with `last` its last `limit`,
+  preprocessed, as numpy.
 
   image float32 [N, H, W, C] in [-1, 1], label int32 [N], and for celeb_a attributes
   int32 [N, 40] (columns in sorted attribute-name order).
@@ -309,8 +310,9 @@ def load_split(config: ml_collections.ConfigDict, split: str,
   count = len(source) if limit is None else limit
   if not 0 < count <= len(source):
     raise UserError(f'Asked for {count} examples of {config.dataset} {split}, which has '
-                    f'{len(source)}. Ask for 1..{len(source)} (config.input.eval_batch_size).')
-  return _reader(config, source, with_attributes=True)(range(count))
+                    f'{len(source)}. Ask for 1..{len(source)}.')
+  start = len(source) - count if last else 0
+  return _reader(config, source, with_attributes=True)(range(start, start + count))
 
 
 def split_size(config: ml_collections.ConfigDict, split: str) -> int:

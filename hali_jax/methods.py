@@ -67,10 +67,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh)
   """step(state, global batch) -> (state, metrics), jitted over `mesh`."""
   tx_g, tx_d = step_lib.make_optimizers(config)
   if config.method == 'vae':
-    return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std, config.quick_compile)
+    return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std, config.quick_compile,
+                                     config.optim.ema_decay)
   head = classifier(config, model)
   term = None if head is None else semisup.make_generator_term(
       model, head, semisup.load_labelled(config), config.semisup.weight,
       config.semisup.batch_size)
   return step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh, config.optim.update_order,
-                                          term, config.quick_compile)
+                                          term, config.quick_compile, config.optim.ema_decay)

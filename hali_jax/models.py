@@ -7,14 +7,18 @@ Paper map (../shared/paper/hali.txt):
   * Joint discriminator D(x, z_1, ..., z_L), Table 4: `Discriminator`.
   * Algorithm 1's sampling (both joints and D's predictions on them): `HALI.__call__`.
   * Appendix Table 4 itself: `build_architecture` (the layer lists below are the table's rows).
+    Not from the paper: the MNIST architectures '28' and '28-lean', and 'mlp', ALI/BiGAN-style
+    fully connected networks with vector latents at every level (`_mlp_architecture`).
 
-Layout: NHWC. Spatial latents are [B, H, W, C]; the top latent z_L is a vector [B, D].
-Every network is a list of layer specs (`Conv`, `Res`, `Upsample`, `ToGrid`) interpreted by `Stack`,
-so an architecture is data that a test can compare with the paper's table row by row.
+Layout: NHWC. Spatial latents are [B, H, W, C]; the top latent z_L is a vector [B, D] ('mlp': every
+latent is). Every network is a list of layer specs (`Conv`, `Res`, `Upsample`, `ToGrid`, `Flatten`)
+interpreted by `Stack`, so an architecture is data that a test can compare with the paper's table
+row by row. A dense layer is a 1x1 `Conv` on a [B, 1, 1, D] grid.
 """
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, NamedTuple, Sequence, Union
 
@@ -67,7 +71,12 @@ class ToGrid:
   side: int
 
 
-Layer = Union[Conv, Res, Upsample, ToGrid]
+@dataclasses.dataclass(frozen=True)
+class Flatten:
+  """[B, H, W, C] -> [B, 1, 1, H*W*C]: an image into the first dense layer ('mlp')."""
+
+
+Layer = Union[Conv, Res, Upsample, ToGrid, Flatten]
 
 # --------------------------------------------------------------------------------------------
 # Architectures (appendix Table 4 and the text of section 4).
@@ -76,9 +85,9 @@ Layer = Union[Conv, Res, Upsample, ToGrid]
 # name -> (image side, side of z_1). '128': Table 4 (CelebA-128, ImageNet-128: z_1 64x32x32).
 # '64': CelebA-64 as in the text (z_1 64x16x16). '32': CIFAR-10 / SVHN (z_1 64x16x16): Table 4 with
 # one fewer downsampling. '28': MNIST in Table 4's pattern. '28-lean': MNIST, ~10x cheaper (see
-# `build_architecture`).
+# `build_architecture`). 'mlp': MNIST, fully connected, vector latents (no z_1 side: None).
 ARCHITECTURES = {'128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14),
-                 '28-lean': (28, 14)}
+                 '28-lean': (28, 14), 'mlp': (28, None)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +98,8 @@ class Architecture:
   latent_shapes[l-1]. decoder[l-1] is the body of T(z_{l-1} | z_l); decoder[0] ends in the image
   (tanh), the others are followed by a Gaussian layer. disc_stages[0] reads x; disc_stages[l] reads
   the stage before concatenated with z_l; disc_joint reads the last stage concatenated with z_L and
-  ends in the penultimate embedding; the logit is a final 1x1 convolution.
+  ends in the penultimate embedding; the logit is a final 1x1 convolution. disc_z_paths, if not
+  empty, holds one layer list per level: D's own path for z_l, applied before the concatenation.
   """
   image_shape: tuple[int, int, int]
   latent_shapes: tuple[tuple[int, ...], ...]
@@ -98,8 +108,14 @@ class Architecture:
   disc_stages: tuple[tuple[Layer, ...], ...]
   disc_joint: tuple[Layer, ...]
   disc_logit: Conv
+  # disc_z_paths[l-1]: the layers z_l goes through in D before it is concatenated ('mlp', as in
+  # ALI's and BiGAN's discriminators); empty: z_l is concatenated as it is (Table 4).
+  disc_z_paths: tuple[tuple[Layer, ...], ...] = ()
   # Initial log-variance of every Gaussian layer (the bias of its log-variance head).
   logvar_init: float = 0.0
+  # Initializer of every Gaussian layer's mean head: 'default' (lecun_normal, flax's default), or
+  # 'unit' (the latent means start at the prior's scale; see `GaussianKernel`).
+  mean_init: str = 'default'
   # dtype of the networks' computations: 'float32', or 'bfloat16' (mixed precision: parameters,
   # batch-norm statistics, Gaussian layers, logits and losses stay float32).
   compute_dtype: str = 'float32'
@@ -140,12 +156,13 @@ def _halving_sides(side: int, target: int) -> list[int]:
 
 
 DROPOUT_RATES = ('table', 'text')
+MEAN_INITS = ('default', 'unit')
 
 
 def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,
                        z_channels: int = 64, z_dim: int = 256, logvar_init: float = 0.0,
-                       dropout_rates: str = 'table',
-                       compute_dtype: str = 'float32') -> Architecture:
+                       dropout_rates: str = 'table', compute_dtype: str = 'float32',
+                       mean_init: str = 'default') -> Architecture:
   """Every network's layers for architecture `arch` at depth `num_levels`.
 
   With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
@@ -167,10 +184,15 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
     * Depth L >= 3 inserts spatial levels z_2..z_{L-1}, each at half the side of the one below
       (one stride-2 stage down, one upsampling stage up, one stride-2 discriminator stage).
     * Depth 1 is ALI: x -> z_1 (a vector) through the level-1 and level-2 networks composed.
+  'mlp' (MNIST, our design) is not convolutional: ALI's and BiGAN's fully connected networks,
+  every latent a vector, at any depth L >= 1 (`_mlp_architecture`).
   `width` multiplies every hidden width (not the latents, not the image channels).
+  `z_channels`: the channels of each spatial latent z_1..z_{L-1}; for 'mlp', the size of each
+  intermediate vector latent. `z_dim`: the size of the top latent z_L.
   `logvar_init` is the initial log-variance of every Gaussian layer. `dropout_rates`: the
-  discriminator's dropout, 'table' (Table 4's column) or 'text' (sec. 4's sentence; see `Conv`).
-  `compute_dtype`: 'float32' or 'bfloat16' (see `Architecture`).
+  discriminator's dropout, 'table' (Table 4's column) or 'text' (sec. 4's sentence; see `Conv` and
+  `_text_dropout`). `compute_dtype`: 'float32' or 'bfloat16' (see `Architecture`). `mean_init`:
+  the Gaussian layers' mean heads, 'default' or 'unit' (see `Architecture`).
   """
   if arch not in ARCHITECTURES:
     raise UserError(f'Unknown model.arch {arch!r}; choose one of {sorted(ARCHITECTURES)}.')
@@ -178,6 +200,24 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
     raise UserError(f'model.num_levels must be >= 1 (1 is ALI), got {num_levels}.')
   if dropout_rates not in DROPOUT_RATES:
     raise UserError(f'model.dropout_rates={dropout_rates!r}: choose one of {DROPOUT_RATES}.')
+  if mean_init not in MEAN_INITS:
+    raise UserError(f'model.mean_init={mean_init!r}: choose one of {MEAN_INITS}.')
+  w = lambda n: max(1, round(n * width))
+  if arch == 'mlp':
+    side = ARCHITECTURES[arch][0]
+    architecture = _mlp_architecture(w, num_levels, (side, side, image_channels), z_channels, z_dim)
+  else:
+    architecture = _convolutional_architecture(arch, w, num_levels, image_channels, z_channels,
+                                               z_dim)
+  if dropout_rates == 'text':
+    architecture = _text_dropout(architecture)
+  return dataclasses.replace(architecture, logvar_init=logvar_init, compute_dtype=compute_dtype,
+                             mean_init=mean_init)
+
+
+def _convolutional_architecture(arch: str, w, num_levels: int, image_channels: int,
+                                z_channels: int, z_dim: int) -> Architecture:
+  """Every arch but 'mlp': spatial latents z_1..z_{L-1} from a family's stages."""
   x_side, z1_side = ARCHITECTURES[arch]
   spatial_sides = [z1_side // 2**l for l in range(num_levels - 1)]
   if spatial_sides and spatial_sides[-1] < 4:
@@ -187,25 +227,54 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
   down_x = _halving_sides(x_side, z1_side)
   if len(down_x) - 1 not in (1, 2):
     raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
-  w = lambda n: max(1, round(n * width))
   family = _lean_stages if arch == '28-lean' else _table_4_stages
   stages = family(w, x_side, down_x, image_channels)
-  architecture = _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides,
-                           z_channels, z_dim)
-  if dropout_rates == 'text':
-    architecture = _text_dropout(architecture)
-  return dataclasses.replace(architecture, logvar_init=logvar_init, compute_dtype=compute_dtype)
+  return _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides, z_channels,
+                   z_dim)
 
 
 def _text_dropout(a: Architecture) -> Architecture:
-  """Sec. 4's reading of the discriminator's dropout: 0.8 on every third layer's input."""
-  layers = [l for stage in a.disc_stages for l in stage] + list(a.disc_joint) + [a.disc_logit]
-  rates = iter([0.8 if i % 3 == 0 else 0.0 for i in range(len(layers))])
-  redo = lambda stage: tuple(dataclasses.replace(l, dropout=next(rates)) for l in stage)
+  """Sec. 4's reading of the discriminator's dropout: 0.8 on every third layer's input.
+
+  D's layers are counted in the order disc_stages, disc_z_paths ('mlp': the z paths count),
+  disc_joint, disc_logit; only `Conv` layers count (a `Flatten` has no dropout).
+  """
+  conv_index = itertools.count()
+
+  def redo(layers):
+    return tuple(dataclasses.replace(l, dropout=0.8 if next(conv_index) % 3 == 0 else 0.0)
+                 if isinstance(l, Conv) else l for l in layers)
+
   stages = tuple(redo(stage) for stage in a.disc_stages)
+  z_paths = tuple(redo(path) for path in a.disc_z_paths)
   joint = redo(a.disc_joint)
   logit, = redo((a.disc_logit,))
-  return dataclasses.replace(a, disc_stages=stages, disc_joint=joint, disc_logit=logit)
+  return dataclasses.replace(a, disc_stages=stages, disc_z_paths=z_paths, disc_joint=joint,
+                             disc_logit=logit)
+
+
+def _mlp_architecture(w, num_levels: int, image_shape: tuple[int, int, int], z_channels: int,
+                      z_dim: int) -> Architecture:
+  """'mlp': ALI's and BiGAN's fully connected MNIST networks (Donahue et al. 2017), any depth.
+
+  Every kernel has two hidden layers of w(1024) with batch norm; z_l (l < L) has z_channels
+  numbers, z_L z_dim. D reads x through two weight-normalised layers of w(1024) and each z_l
+  through a path of its own, two of w(512), all concatenated into Table 4's joint layers.
+  """
+  dense = lambda features, **kw: Conv(features, kernel=1, **kw)
+  hidden = (dense(w(1024), norm='bn'), dense(w(1024), norm='bn'))
+  to_image = (dense(math.prod(image_shape), act='tanh'), ToGrid(image_shape[0]))
+  z_path = (dense(w(512), norm='wn', dropout=0.2), dense(w(512), norm='wn', dropout=0.5))
+  return Architecture(
+      image_shape=image_shape,
+      latent_shapes=((z_channels,),) * (num_levels - 1) + ((z_dim,),),
+      encoder=((Flatten(),) + hidden,) + (hidden,) * (num_levels - 1),
+      decoder=(hidden + to_image,) + (hidden,) * (num_levels - 1),
+      disc_stages=((Flatten(), dense(w(1024), norm='wn', dropout=0.2),
+                    dense(w(1024), norm='wn', dropout=0.5)),) + ((),) * (num_levels - 1),
+      disc_z_paths=(z_path,) * num_levels,
+      disc_joint=(dense(w(1024), dropout=0.5), dense(w(1024), dropout=0.5)),
+      disc_logit=dense(1, act='linear', dropout=0.5))
 
 
 def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
@@ -667,6 +736,8 @@ class Stack(nn.Module):
         h = upsample_bilinear(h, layer.size)
       elif isinstance(layer, ToGrid):
         h = h.reshape(h.shape[0], layer.side, layer.side, -1)
+      elif isinstance(layer, Flatten):
+        h = h.reshape(h.shape[0], 1, 1, -1)
       else:
         raise TypeError(f'Unknown layer spec {layer!r}')
     return h
@@ -686,11 +757,18 @@ class GaussianLayer(nn.Module):
   """
   shape: tuple[int, ...]  # (H, W, C) or (D,)
   logvar_init: float = 0.0
+  # The mean head's kernel: truncated normal of variance mean_init_scale / fan_in (1 is
+  # lecun_normal, flax's default); its input is taken less `mean_input_offset`.
+  mean_init_scale: float = 1.0
+  mean_input_offset: float = 0.0
 
   @nn.compact
   def __call__(self, h, key: jax.Array | None) -> Gaussian:
     channels = self.shape[-1]
-    mean = nn.Conv(channels, (1, 1), name='mean')(h).reshape((h.shape[0],) + self.shape)
+    mean_init = nn.initializers.variance_scaling(self.mean_init_scale, 'fan_in', 'truncated_normal')
+    mean_input = h - self.mean_input_offset if self.mean_input_offset else h
+    mean = nn.Conv(channels, (1, 1), kernel_init=mean_init, name='mean')(mean_input).reshape(
+        (h.shape[0],) + self.shape)
     logvar = nn.Conv(channels, (1, 1), bias_init=nn.initializers.constant(self.logvar_init),
                      name='logvar')(h).reshape((h.shape[0],) + self.shape)
     if key is None:
@@ -705,18 +783,32 @@ def _as_grid(z):
 
 
 class GaussianKernel(nn.Module):
-  """A Markov kernel T(z_out | z_in): a network body followed by a Gaussian layer."""
+  """A Markov kernel T(z_out | z_in): a network body followed by a Gaussian layer.
+
+  mean_init 'unit': each latent mean starts as a draw from the prior, N(0, 1) per dimension over
+  the data, where lecun_normal ('default') gives it a smaller spread and an offset per
+  dimension, by which D can tell the encoder's latents from the prior's from the first step.
+  For a body ending in batch norm and a leaky ReLU of slope s, each feature f = lrelu(N(0, 1))
+  has mean m = (1 - s) / sqrt(2 pi) and variance v = (1 + s^2) / 2 - m^2: the mean head reads
+  f - m (its bias, in effect, starts at -m times its kernel's column sums), with a kernel of
+  variance 1 / (v fan_in). Other bodies get about that (tests/test_models.py).
+  """
   body: Sequence[Layer]
   out_shape: tuple[int, ...]
   slope: float
   logvar_init: float = 0.0
   dtype: str = 'float32'
+  mean_init: str = 'default'
 
   @nn.compact
   def __call__(self, z_in, key: jax.Array | None, *, train: bool) -> Gaussian:
     h = Stack(self.body, self.slope, dtype=self.dtype, name='body')(_as_grid(z_in), train=train)
+    scale, offset = 1.0, 0.0
+    if self.mean_init == 'unit':
+      offset = (1 - self.slope) / math.sqrt(2 * math.pi)
+      scale = 1 / ((1 + self.slope**2) / 2 - offset**2)
     # The Gaussian layer in float32: latents, their noise and the VAE's densities stay exact.
-    return GaussianLayer(self.out_shape, self.logvar_init, name='gaussian')(
+    return GaussianLayer(self.out_shape, self.logvar_init, scale, offset, name='gaussian')(
         h.astype(jnp.float32), key)
 
 
@@ -728,7 +820,7 @@ class Encoder(nn.Module):
   def setup(self):
     arch = self.arch
     self.levels = [GaussianKernel(body, shape, self.slope, arch.logvar_init,  # T(z_l | z_{l-1})
-                                  arch.compute_dtype)
+                                  arch.compute_dtype, arch.mean_init)
                    for body, shape in zip(arch.encoder, arch.latent_shapes)]
 
   def kernel(self, level: int, z_below, key: jax.Array | None, *, train: bool) -> Gaussian:
@@ -757,7 +849,7 @@ class Decoder(nn.Module):
     arch = self.arch
     self.to_image = Stack(arch.decoder[0], self.slope, dtype=arch.compute_dtype)
     self.levels = [GaussianKernel(arch.decoder[l], arch.latent_shapes[l - 1], self.slope,
-                                  arch.logvar_init, arch.compute_dtype)
+                                  arch.logvar_init, arch.compute_dtype, arch.mean_init)
                    for l in range(1, arch.num_levels)]  # levels[l-1]: T(z_l | z_{l+1})
 
   def kernel(self, level: int, z_above, key: jax.Array | None, *, train: bool) -> Gaussian:
@@ -786,6 +878,8 @@ class Discriminator(nn.Module):
   """D(x, z_1, ..., z_L) on the full joint, Table 4: one stack per level, concatenated stage by stage.
 
   Returns (logit, embedding): the embedding is the penultimate layer, the D-bar of eq. 8.
+  With `arch.disc_z_paths` ('mlp'), each z_l goes through a stack of its own before it is
+  concatenated.
 
   `shared_backward=True` prepares one backward pass to serve both of Algorithm 1's losses
   (step.train_step's simultaneous update). D has no batch norm, so each logit depends on its own
@@ -805,16 +899,19 @@ class Discriminator(nn.Module):
         Stack(layers, self.slope, self.use_dropout, self.arch.compute_dtype, name=name),
         train=train, shared_backward=shared_backward)
     if shared_backward:
-      layers = [l for stage in self.arch.disc_stages for l in stage] + [*self.arch.disc_joint,
-                                                                         self.arch.disc_logit]
+      layers = [l for path in (*self.arch.disc_stages, *self.arch.disc_z_paths) for l in path] + [
+          *self.arch.disc_joint, self.arch.disc_logit]
       if any(isinstance(l, Res) or getattr(l, 'norm', None) == 'bn' for l in layers):
         raise ValueError('shared_backward needs a discriminator without batch norm, whose '
                          'examples do not interact.')
-      # The inputs' cotangents, scaled per example (a fork with no data path).
+      # The inputs' cotangents, scaled per example (a fork with no data path), before any z path.
       x, *zs = [self._scaled_input(v) for v in [x, *zs]]
     h = stack(self.arch.disc_stages[0], 'stage_0')(x)
     for l, z in enumerate(zs, start=1):
-      h = jnp.concatenate([h, _as_grid(z)], axis=-1)
+      z = _as_grid(z)
+      if self.arch.disc_z_paths:  # None in Table 4's archs: no modules, the same parameters.
+        z = stack(self.arch.disc_z_paths[l - 1], f'z_path_{l}')(z)
+      h = jnp.concatenate([h, z], axis=-1)
       if l < len(zs):
         h = stack(self.arch.disc_stages[l], f'stage_{l}')(h)
     embedding = stack(self.arch.disc_joint, 'joint')(h)
@@ -894,7 +991,7 @@ def create_model(model_config, image_shape: Sequence[int]) -> HALI:
   arch = build_architecture(model_config.arch, model_config.num_levels, image_shape[-1],
                             model_config.width, model_config.z_channels, model_config.z_dim,
                             model_config.logvar_init, model_config.dropout_rates,
-                            model_config.compute_dtype)
+                            model_config.compute_dtype, model_config.mean_init)
   if tuple(image_shape) != arch.image_shape:
     raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'
                     f'{arch.image_shape[1]} images but the data is {image_shape[0]}x{image_shape[1]}:'

@@ -104,7 +104,8 @@ def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx
   zs = [jnp.zeros((1,) + shape) for shape in model.arch.latent_shapes]
   params = {**state.params, CLASSIFIER: classifier.init(key, zs)['params']}
   g_params, _ = step.split_params(params)
-  return state.replace(params=params, opt_state_g=tx_g.init(g_params))
+  return state.replace(params=params, opt_state_g=tx_g.init(g_params),
+                       ema={**state.ema, 'params': g_params})
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,7 +62,9 @@ class TrainState:
   params: {'encoder', 'decoder', 'discriminator'} (plus any generator-side head, e.g.
   'classifier'). Generator side = every entry but 'discriminator'. batch_stats: the batch-norm
   running statistics of the encoder and decoder (D has none). rng: the base key; the step's keys
-  are fold_in(rng, step).
+  are fold_in(rng, step). ema: {'params': generator side, 'batch_stats'}, their exponential
+  moving averages (`update_ema`; with config.optim.ema_decay 0, the current values): what
+  evaluation, the probes and analysis use (`evaluation_variables`).
   """
   step: jax.Array
   params: Any
@@ -70,6 +72,7 @@ class TrainState:
   opt_state_g: Any
   opt_state_d: Any
   rng: jax.Array
+  ema: Any
 
 
 def split_params(params) -> tuple[dict, dict]:
@@ -104,10 +107,33 @@ def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int) -> TrainSta
   variables = model.init({'params': keys['init']}, x, pass_keys, train=False)
   params = flax.core.unfreeze(variables['params'])
   g_params, d_params = split_params(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=flax.core.unfreeze(variables.get('batch_stats', {})),
+  batch_stats = flax.core.unfreeze(variables.get('batch_stats', {}))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                     opt_state_g=tx_g.init(g_params), opt_state_d=tx_d.init(d_params),
-                    rng=keys['train'])
+                    rng=keys['train'], ema={'params': g_params, 'batch_stats': batch_stats})
+
+
+def ema_decay(decay: float, step: jax.Array) -> jax.Array:
+  """The decay at `step` (0-based): `decay`, but at most (1 + step) / (10 + step), so that the
+  average does not keep the initialisation for its first ~1 / (1 - decay) steps."""
+  return jnp.minimum(decay, (1 + step) / (10 + step))
+
+
+def update_ema(state: TrainState, decay: float) -> TrainState:
+  """`state` with its EMA moved towards its generator-side params and batch statistics:
+  ema <- d * ema + (1 - d) * current, d = ema_decay(decay, state.step). decay 0: the current
+  values, bit for bit."""
+  d = ema_decay(decay, state.step.astype(jnp.float32))
+  current = {'params': split_params(state.params)[0], 'batch_stats': state.batch_stats}
+  return state.replace(ema=jax.tree.map(lambda e, c: (d * e + (1 - d) * c).astype(c.dtype),
+                                        state.ema, current))
+
+
+def evaluation_variables(state) -> dict:
+  """{'params', 'batch_stats'} for evaluation and analysis: the generator side's moving
+  averages with the discriminator's current parameters (D is not averaged)."""
+  return {'params': {**state.ema['params'], DISCRIMINATOR: state.params[DISCRIMINATOR]},
+          'batch_stats': state.ema['batch_stats']}
 
 
 # A state initializer runs once per run, so its compilation is its cost: on a CPU, without
@@ -145,8 +171,8 @@ GeneratorTerm = Callable[[dict, TrainState, dict, jax.Array], tuple[jax.Array, d
 
 
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
-               update: str = 'simultaneous',
-               generator_term: GeneratorTerm | None = None) -> tuple[TrainState, dict]:
+               update: str = 'simultaneous', generator_term: GeneratorTerm | None = None,
+               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
   """One iteration of Algorithm 1 on a global batch: (state, batch) -> (state, metrics).
 
   'simultaneous' (default, ALI's practice): one forward pass gives both losses; D steps on
@@ -156,7 +182,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   the same samples (same keys).
   `generator_term(g_params, state, batch, key) -> (loss, metrics)`, if given, is added to the
   generator's cost (e.g. the supervised cost of semi-supervised HALI, eq. 10); its metrics are
-  reported as they are.
+  reported as they are. `ema_decay`: of the generator side's moving averages (`update_ema`).
   """
   keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
   g_params, d_params = split_params(state.params)
@@ -221,7 +247,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   new_state = state.replace(params={**new_g_params, DISCRIMINATOR: new_d_params},
                             batch_stats=batch_stats, opt_state_g=opt_state_g,
                             opt_state_d=opt_state_d)
-  return guard(state, new_state, metrics)
+  return guard(state, update_ema(new_state, ema_decay), metrics)
 
 
 def all_finite(tree) -> jax.Array:
@@ -245,10 +271,10 @@ def guard(state: TrainState, new_state: TrainState, metrics: dict) -> tuple[Trai
 
 def make_sharded_train_step(model, tx_g, tx_d, mesh, update: str = 'simultaneous',
                             generator_term: GeneratorTerm | None = None,
-                            quick_compile: bool = False) -> Callable:
+                            quick_compile: bool = False, ema_decay: float = 0.0) -> Callable:
   """`train_step` jitted over `mesh`: call it as step(state, batch) -> (state, metrics)."""
   step = functools.partial(train_step, model=model, tx_g=tx_g, tx_d=tx_d, update=update,
-                           generator_term=generator_term)
+                           generator_term=generator_term, ema_decay=ema_decay)
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
                  compiler_options=models.compiler_options(mesh, quick=quick_compile))

@@ -34,6 +34,7 @@ from hali_jax import default_config
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
+from hali_jax import probes
 from hali_jax import semisup
 from hali_jax import step as step_lib
 from hali_jax import workdir_lock
@@ -298,6 +299,47 @@ def write_evaluation(writer: writers.MetricWriter, step: int, images, errors, re
 
 
 # --------------------------------------------------------------------------------------------
+# Probes (probes.py): representation and reconstruction quality per level at every evaluation,
+# computed and written by process 0 alone.
+# --------------------------------------------------------------------------------------------
+
+
+def make_prober(config: ml_collections.ConfigDict, model: models.HALI) -> probes.Prober | None:
+  """The run's probes on their fixed images (read here, so bad data fails early), or None."""
+  if not config.probes.enabled or jax.process_index() != 0:
+    return None
+  return probes.Prober(config, model, probes.load_data(config),
+                       with_discriminator=config.method != 'vae')
+
+
+def probe_baselines(prober: probes.Prober, workdir: str, start_step: int,
+                    initial: Callable[[], step_lib.TrainState]) -> dict:
+  """The run's baselines: those DIR/probes.jsonl holds (its records after `start_step`, from a
+  stopped run, dropped), else measured now on `initial()`, the state at step 0."""
+  baselines = probes.rewind(workdir, start_step if start_step else -1)
+  if baselines is None:
+    state = initial()
+    baselines = {'step': 0, 'kind': 'baselines',
+                 **prober.baselines(step_lib.evaluation_variables(state))}
+    probes.append_record(workdir, baselines)
+  return baselines
+
+
+def write_probes(writer: writers.MetricWriter, workdir: str, step: int, prober: probes.Prober,
+                 baselines: dict, variables, num_levels: int) -> None:
+  start = time.monotonic()
+  results = prober(variables)
+  seconds = time.monotonic() - start
+  probes.append_record(workdir, {'step': step, 'kind': 'probes', **results, 'seconds': seconds})
+  numbers = {k: v for k, v in baselines.items() if k not in ('step', 'kind')}
+  writer.write_scalars(step, {**{f'probes/{k}': v for k, v in results.items()},
+                              **{f'probes/baseline/{k}': v for k, v in numbers.items()},
+                              'probes/seconds': seconds})
+  logging.info('%s  (%.1f s)', probes.summary_line(step, results, baselines, num_levels),
+               seconds)
+
+
+# --------------------------------------------------------------------------------------------
 # The loop.
 # --------------------------------------------------------------------------------------------
 
@@ -320,6 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     train_iter = input_pipeline.create_train_iterator(config, step_lib.batch_sharding(mesh))
     stack.callback(train_iter.close)
     eval_x = eval_images(config, mesh)
+    prober = make_prober(config, model)
     # Before anything writes to the workdir: one run at a time may.
     stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     manager = stack.enter_context(checkpoint.create_manager(workdir,
@@ -334,6 +377,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         lambda: train_step.lower(*lowering_args).compile())
     state, start_step = initial_state(init, manager, train_iter)
     checkpoint.save_config(workdir, config)
+    if prober:
+      baselines = probe_baselines(prober, workdir, start_step,
+                                  (lambda: state) if start_step == 0 else init)
     writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   purge_step=start_step + 1 if start_step else None)
     stack.callback(writer.close)
@@ -376,8 +422,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         check_divergence(config, workdir, int(skips[1]), manager.latest_step())
 
       if step % config.eval_every_steps == 0 or last:
-        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        variables = step_lib.evaluation_variables(state)
         write_evaluation(writer, step, eval_x, *evaluate(variables, eval_x, sample_key))
+        if prober:
+          write_probes(writer, workdir, step, prober, baselines, variables,
+                       model.arch.num_levels)
         if test_errors:
           errors = test_errors(variables)
           writer.write_scalars(step, {'eval/test_errors': errors})

@@ -91,7 +91,7 @@ def elbo(g_params, batch_stats, x, encoder_keys, *, model: models.HALI,
 
 
 def vae_train_step(state: step.TrainState, batch: dict, *, model: models.HALI, tx_g,
-                   x_std: float) -> tuple[step.TrainState, dict]:
+                   x_std: float, ema_decay: float = 0.0) -> tuple[step.TrainState, dict]:
   """One Adam step of the encoder and decoder on -ELBO: (state, batch) -> (state, metrics)."""
   keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
   encoder_keys = [keys[f'encoder_{l}'] for l in range(1, model.arch.num_levels + 1)]
@@ -109,13 +109,14 @@ def vae_train_step(state: step.TrainState, batch: dict, *, model: models.HALI, t
                  **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads.items()})
   new_state = state.replace(params={**new_g_params, step.DISCRIMINATOR: d_params},
                             batch_stats=batch_stats, opt_state_g=opt_state_g)
-  return step.guard(state, new_state, metrics)
+  return step.guard(state, step.update_ema(new_state, ema_decay), metrics)
 
 
 def make_sharded_vae_step(model: models.HALI, tx_g, mesh, x_std: float,
-                          quick_compile: bool = False) -> Callable:
+                          quick_compile: bool = False, ema_decay: float = 0.0) -> Callable:
   """`vae_train_step` jitted over `mesh`, as `step.make_sharded_train_step`: step(state, batch)."""
-  vae_step = functools.partial(vae_train_step, model=model, tx_g=tx_g, x_std=x_std)
+  vae_step = functools.partial(vae_train_step, model=model, tx_g=tx_g, x_std=x_std,
+                               ema_decay=ema_decay)
   return jax.jit(vae_step, in_shardings=(step.replicated(mesh), step.batch_sharding(mesh)),
                  out_shardings=(step.replicated(mesh), step.replicated(mesh)), donate_argnums=0,
                  compiler_options=models.compiler_options(mesh, quick=quick_compile))

@@ -41,7 +41,8 @@ PAPER_SETTINGS = {
     ('celeba', None): ('celeb_a', (128, 128, 3), '128', ((32, 32, 64), (256,)), 140),
     ('celeba', '64'): ('celeb_a', (64, 64, 3), '64', ((16, 16, 64), (256,)), 140),
     ('imagenet128', None): ('imagenet2012', (128, 128, 3), '128', ((32, 32, 64), (256,)), 0),
-    ('mnist', None): ('mnist', (28, 28, 1), '28-lean', ((14, 14, 4), (64,)), 0),  # Ours.
+    ('mnist', None): ('mnist', (28, 28, 1), 'mlp', ((256,), (64,)), 0),  # Ours.
+    ('mnist', 'lean'): ('mnist', (28, 28, 1), '28-lean', ((14, 14, 4), (64,)), 0),  # Ours.
     ('mnist', 'table4'): ('mnist', (28, 28, 1), '28', ((14, 14, 16), (64,)), 0),  # Ours.
 }
 
@@ -71,9 +72,14 @@ def test_options(name):
   assert ali.model.num_levels == 1 and latent_shapes(ali) == ((8,),)
   assert ali.batch_size == 8
 
-  valid = {'celeba': 'tiny, ali, 64', 'mnist': 'tiny, ali, table4'}.get(name, 'tiny, ali')
+  valid = {'celeba': 'tiny, ali, 64', 'mnist': 'tiny, ali, lean, table4'}.get(name, 'tiny, ali')
   with pytest.raises(UserError, match=f'Unknown config option.*huge.*valid options: {valid},'):
     get_config(name, 'tiny,huge')
+
+
+def test_mnist_takes_one_architecture_option():
+  with pytest.raises(UserError, match='options lean and table4 choose different architectures'):
+    get_config('mnist', 'lean,table4')
 
 
 @pytest.mark.parametrize('field, value, message', [

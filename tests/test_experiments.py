@@ -153,6 +153,11 @@ def test_table_scripts_write_the_papers_tables(workdir, tmp_path):
   table = (out / 'attribute_svms_summary.md').read_text().splitlines()
   assert table[0] == '|  | Mean | Std | # Best |' and len(table) == 2 + len(feature_sets)
   assert len(read_csv(out / 'attribute_svms_c.csv')) == len(feature_sets)
+  # Beside them, the 10-class probes of training on the same examples.
+  probes = {r['row']: r for r in read_csv(out / 'class_probes.csv')}
+  assert list(probes) == feature_sets
+  assert all(0 <= float(r[c]) <= 100 for r in probes.values() for c in ('logistic', 'nn'))
+  assert probes['hali z2'] == {**probes['again z2'], 'row': 'hali z2'}
 
   # Table 5 / 1: the data row un-normalised and out of the # Best competition.
   rows = read_csv(out / 'attribute_preservation.csv')
@@ -213,7 +218,9 @@ def test_mnist_study_end_to_end(tmp_path):
     assert json.loads((out / model / 'study_time.json').read_text())['seconds'] > 0
     for name in ('samples.png', 'reconstructions.png', 'reconstruction_error.png'):
       assert (out / model / 'analysis' / name).is_file()
-  for heading in ('Table 2', 'Table 1', 'Frechet', 'hali: reconstruction error per level'):
+  assert (out / 'tables' / 'probe_curves.png').is_file()
+  for heading in ('Table 2', '10-class probes', 'probes of training', 'Table 1', 'Frechet',
+                  'hali: reconstruction error per level'):
     assert heading in summary
   assert '| ali z1 |' in summary and '| vae x_hat_2 |' in summary
   assert '| 2 | mean image |' in summary
@@ -221,7 +228,7 @@ def test_mnist_study_end_to_end(tmp_path):
 
 def test_benchmark_reports_every_measure(tmp_path):
   result = subprocess.run(  # A batch of 10: no layer of the tiny config has 10 or 20 channels.
-      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
+      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny,lean',
        '--config.batch_size=10', f'--output_dir={tmp_path / "bench"}', '--windows=2',
        '--window_steps=2', '--pipeline_batches=2', '--profile_steps=1', '--time_convolutions'],
       cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -279,7 +286,7 @@ def test_benchmark_times_the_test_errors_of_a_semi_supervised_config(tmp_path):
 def test_benchmark_on_synthetic_data_reads_no_dataset(tmp_path):
   """--synthetic_data (CelebA on a GPU machine that lacks it): the step timed with an empty data
   directory, no pipeline measures; semi-supervised configs, which need labels, refused."""
-  command = [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
+  command = [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny,lean',
              f'--config.data_dir={tmp_path / "empty"}', '--synthetic_data']
   result = subprocess.run(command + [f'--output_dir={tmp_path / "bench"}', '--windows=1',
                                      '--window_steps=2'], cwd=REPO, env=subprocess_env(),
@@ -303,7 +310,7 @@ def test_benchmark_finds_the_configs_from_the_repository_root(tmp_path):
   reported on one line."""
   env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
   result = subprocess.run(
-      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny',
+      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny,lean',
        '--config.num_train_steps=0'], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]

@@ -3,11 +3,14 @@
 import dataclasses
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import mnist
+from hali_jax import input_pipeline
 from hali_jax import models
 from hali_jax.errors import UserError
 from hali_jax.models import Conv, Res, ToGrid, Upsample
@@ -125,16 +128,18 @@ def test_width_scales_hidden_layers_only():
 
 
 EXPECTED_LATENTS = {  # arch -> (image side, z_1 side); the paper's sizes for 128/64/32.
-    '128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14), '28-lean': (28, 14)}
+    '128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14), '28-lean': (28, 14),
+    'mlp': (28, None)}  # Vectors at every level.
 
 
 @pytest.mark.parametrize('arch', sorted(EXPECTED_LATENTS))
 @pytest.mark.parametrize('num_levels', [1, 2, 3])
 def test_shapes_at_every_level(arch, num_levels):
   side, z1_side = EXPECTED_LATENTS[arch]
-  channels = 1 if arch.startswith('28') else 3
+  channels = 1 if side == 28 else 3
   a = models.build_architecture(arch, num_levels, channels, width=0.125, z_channels=8, z_dim=16)
-  expected = ([(z1_side // 2**l,) * 2 + (8,) for l in range(num_levels - 1)] + [(16,)])
+  intermediate = (lambda l: (8,)) if z1_side is None else (lambda l: (z1_side // 2**l,) * 2 + (8,))
+  expected = [intermediate(l) for l in range(num_levels - 1)] + [(16,)]
   assert list(a.latent_shapes) == expected
   model = models.HALI(a)
   x = jnp.zeros((4, side, side, channels))
@@ -198,9 +203,12 @@ def test_depth_and_size_errors():
     models.build_architecture('28', 0, 1)
   with pytest.raises(UserError, match='Unknown model.arch'):
     models.build_architecture('96', 2, 3)
+  with pytest.raises(UserError, match='mean_init'):
+    models.build_architecture('28', 2, 1, mean_init='he')
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
                               logvar_init=0.0, dropout_rates='table', compute_dtype='float32',
-                              leaky_slope=0.2, input_noise_std=0.2, dropout=True))
+                              mean_init='default', leaky_slope=0.2, input_noise_std=0.2,
+                              dropout=True))
   with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
     models.create_model(config, (28, 28, 1))
 
@@ -217,6 +225,85 @@ def test_gaussian_layer_reparameterizes_with_explicit_key():
   eps = jax.random.normal(key, g.mean.shape)
   np.testing.assert_allclose(g.z, g.mean + jnp.exp(0.5 * g.logvar) * eps, rtol=1e-6)
   assert not np.allclose(layer.apply(params, h, jax.random.key(3)).z, g.z)
+
+
+class FlaxDefaultGaussianLayer(nn.Module):
+  """GaussianLayer's heads as they were before model.mean_init: flax's default initializers."""
+  shape: tuple[int, ...]
+  logvar_init: float
+
+  @nn.compact
+  def __call__(self, h):
+    nn.Conv(self.shape[-1], (1, 1), name='mean')(h)
+    nn.Conv(self.shape[-1], (1, 1), bias_init=nn.initializers.constant(self.logvar_init),
+            name='logvar')(h)
+
+
+def init_params(arch):
+  x = jax.random.uniform(jax.random.key(0), (2,) + arch.image_shape, minval=-1, maxval=1)
+  keys = models.split_keys(jax.random.key(1), arch.num_levels)
+  return jax.jit(lambda x: models.HALI(arch).init({'params': jax.random.key(2)}, x, keys))(x)
+
+
+@pytest.mark.parametrize('arch,z_channels', [('28-lean', 4), ('mlp', 16)])
+def test_mean_init_default_is_flax_default_and_unit_scales_only_the_mean_heads(arch, z_channels):
+  """'default': the parameters bitwise as before the option (flax's own initializers); 'unit':
+  the same draws, the mean heads' kernels alone scaled by 1 / the std of a leaky ReLU of N(0, 1)
+  (their input's offset is no parameter)."""
+  h = jax.random.normal(jax.random.key(0), (5, 1, 1, 7))
+  ours = models.GaussianLayer((3,), -4.0).init(jax.random.key(1), h, None)
+  before = FlaxDefaultGaussianLayer((3,), -4.0).init(jax.random.key(1), h)
+  assert jax.tree.all(jax.tree.map(np.array_equal, ours, before))
+
+  build = lambda **kw: models.build_architecture(arch, 2, 1, width=0.25, z_channels=z_channels,
+                                                 z_dim=8, logvar_init=-4.0, **kw)
+  plain, default, unit = (init_params(build(**kw))
+                          for kw in ({}, {'mean_init': 'default'}, {'mean_init': 'unit'}))
+  assert jax.tree.structure(default) == jax.tree.structure(plain) == jax.tree.structure(unit)
+  assert jax.tree.all(jax.tree.map(np.array_equal, default, plain))
+  mean = (1 - 0.2) / np.sqrt(2 * np.pi)  # Of a leaky ReLU of N(0, 1); the variance below.
+  gain = np.sqrt(1 / ((1 + 0.2**2) / 2 - mean**2))
+  mean_kernels = 0
+  for (path, d), u in zip(jax.tree_util.tree_flatten_with_path(default)[0], jax.tree.leaves(unit)):
+    if jax.tree_util.keystr(path).endswith("['gaussian']['mean']['kernel']"):
+      np.testing.assert_allclose(u, d * gain, rtol=1e-6)
+      mean_kernels += 1
+    else:
+      np.testing.assert_array_equal(u, d)
+  assert mean_kernels == 3  # Encoder levels 1 and 2, decoder level 1.
+
+
+@pytest.mark.parametrize('arch,z_channels', [('28-lean', 4), ('mlp', 256)])
+def test_mean_init_unit_gives_the_top_latent_the_priors_scale(arch, z_channels, shared_tfds):
+  """The encoder's z_L on real MNIST as D sees it at the first training step (batch statistics,
+  input noise, the kernel's noise), at the runs' sizes (width 1, z_dim 64, log-variance -4):
+  'default' starts it at a per-dimension std of ~0.66 (the review's 0.67), 'unit' within 10%
+  of the prior's 1 and, where the body ends in batch norm and a leaky ReLU ('mlp'), each
+  dimension's mean near the prior's 0 ('28-lean''s ends in a linear layer: offsets of ~0.8)."""
+  config = mnist.get_config()
+  config.data_dir = str(shared_tfds)
+  x = input_pipeline.load_split(config, 'train', 256)['image']
+  keys = models.split_keys(jax.random.key(1), 2)
+
+  def top_latent(mean_init):
+    model = models.HALI(models.build_architecture(arch, 2, 1, z_channels=z_channels, z_dim=64,
+                                                  logvar_init=-4.0, mean_init=mean_init))
+
+    @jax.jit
+    def z_top(x):
+      variables = model.init({'params': jax.random.key(2)}, x, keys, train=False)
+      out, _ = model.apply(variables, x, keys, rngs={'dropout': keys['dropout']},
+                           mutable=['batch_stats'])
+      return out['q_levels'][-1].z
+
+    return np.asarray(z_top(x))
+
+  default, unit = top_latent('default'), top_latent('unit')
+  assert default.shape == unit.shape == (256, 64)
+  assert default.std(0).mean() < 0.75
+  assert abs(unit.std(0).mean() - 1) < 0.1
+  if arch == 'mlp':  # Its top kernel's body ends in batch norm and a leaky ReLU, as 'unit' assumes.
+    assert np.sqrt(np.mean(unit.mean(0)**2)) < 0.2  # The offsets' root mean square.
 
 
 @pytest.mark.parametrize('partitionable', [True, False])
@@ -423,13 +510,16 @@ def test_fork_cotangent_splits_the_cotangent_per_example():
   np.testing.assert_array_equal(dy_scaled, [[10.0, 20.0], [-3.0, -4.0], [0.0, 0.0]])
 
 
-@pytest.mark.parametrize('num_levels,dropout_rates', [(1, 'table'), (2, 'text'), (3, 'table')])
-def test_discriminators_one_backward_pass_serves_two_losses(num_levels, dropout_rates):
+@pytest.mark.parametrize('arch_name,num_levels,dropout_rates', [
+    ('28', 1, 'table'), ('28', 2, 'text'), ('28', 3, 'table'), ('mlp', 2, 'table'),
+    ('mlp', 3, 'text')])
+def test_discriminators_one_backward_pass_serves_two_losses(arch_name, num_levels, dropout_rates):
   """Discriminator(shared_backward=True): the same parameters and logits; pulled back from unit
   logit cotangents with per-example scales a at the weight probes and b at the input probes, its
   parameters get exactly the gradient of sum(a * logit) and its inputs that of sum(b * logit),
-  each from the plain discriminator's own backward pass (train mode, dropout on)."""
-  arch = models.build_architecture('28', num_levels, 1, width=0.0625, z_channels=4, z_dim=8,
+  each from the plain discriminator's own backward pass (train mode, dropout on). 'mlp': through
+  its z paths too."""
+  arch = models.build_architecture(arch_name, num_levels, 1, width=0.0625, z_channels=4, z_dim=8,
                                    dropout_rates=dropout_rates)
   d = models.Discriminator(arch, slope=0.2)
   ks = jax.random.split(jax.random.key(0), 2 + num_levels)

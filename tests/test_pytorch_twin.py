@@ -45,7 +45,7 @@ def create_model(config) -> models.HALI:
 
 
 @pytest.mark.parametrize('get_config, option', [
-    (mnist.get_config, None), (mnist.get_config, 'table4'), (cifar10.get_config, None)])
+    (mnist.get_config, 'lean'), (mnist.get_config, 'table4'), (cifar10.get_config, None)])
 def test_parameter_counts_equal_flax(get_config, option):
   model = create_model(get_config(option))
   flax_counts = twin_lib.flax_param_counts(flax_variables(model, jax.random.PRNGKey(0),
@@ -101,7 +101,7 @@ def with_levels(config, num_levels: int):
 
 # Both MNIST architectures, depths 1 to 3 (3: the stages between spatial levels), and CIFAR's.
 @pytest.mark.parametrize('config', [
-    mnist.get_config('tiny'), mnist.get_config('tiny,table4'),
+    mnist.get_config('tiny,lean'), mnist.get_config('tiny,table4'),
     with_levels(mnist.get_config('tiny,table4'), 3), mnist.get_config('tiny,table4,ali'),
     cifar10.get_config('tiny')], ids=['28-lean', '28', '28-L3', '28-ali', '32'])
 def test_same_functions_as_flax(config):
@@ -175,7 +175,7 @@ def test_residual_block_with_a_skip_convolution():
 
 
 def test_a_train_step_moves_both_sides():
-  config = mnist.get_config('tiny')
+  config = mnist.get_config('tiny,lean')
   twin = twin_lib.HALI.of(create_model(config))
   opt_g, opt_d = twin_lib.make_optimizers(twin, config.optim)
   before = {k: v.clone() for k, v in twin.state_dict().items()}
@@ -191,7 +191,7 @@ def test_a_train_step_moves_both_sides():
 
 def test_comparison_reports_both_speeds(tmp_path):
   result = subprocess.run(
-      [sys.executable, 'experiments/pytorch_twin.py', '--config=configs/mnist.py:tiny',
+      [sys.executable, 'experiments/pytorch_twin.py', '--config=configs/mnist.py:tiny,lean',
        f'--output_dir={tmp_path / "twin"}', '--rounds=1', '--round_steps=1', '--warmup_steps=1'],
       cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]

@@ -408,3 +408,54 @@ def test_simultaneous_step_runs_the_discriminators_backward_pass_once(two_level)
   assert forward % 2 == 0 and input_gradients == forward - 1, (forward, input_gradients)
   forward, gradients = discriminator_ops(text, 'dot')  # 2 forward, 2 input, 1 weight gradient.
   assert forward >= 6 and 2 * gradients == 3 * forward, (forward, gradients)
+
+
+# --------------------------------------------------------------------------------------------
+# Moving averages of the generator side (config.optim.ema_decay).
+# --------------------------------------------------------------------------------------------
+
+
+def test_ema_arithmetic_by_hand():
+  state = types.SimpleNamespace(
+      params={'encoder': jnp.array([1.0, 3.0]), step_lib.DISCRIMINATOR: jnp.array([5.0])},
+      batch_stats={'encoder': jnp.array([2.0])},
+      ema={'params': {'encoder': jnp.array([0.0, 1.0])}, 'batch_stats': {'encoder': jnp.array([0.0])}},
+      step=jnp.array(0))
+  state.replace = lambda **kw: types.SimpleNamespace(**{**vars(state), **kw})
+  # Step 0: the decay is capped at (1 + 0) / (10 + 0) = 0.1, so the average moves 0.9 of the way.
+  ema = step_lib.update_ema(state, 0.99).ema
+  np.testing.assert_allclose(ema['params']['encoder'], [0.9, 0.1 * 1 + 0.9 * 3], rtol=1e-6)
+  np.testing.assert_allclose(ema['batch_stats']['encoder'], [1.8], rtol=1e-6)
+  # Step 90: the cap is 91 / 100 = 0.91, above 0.5, so the decay is 0.5.
+  state.step = jnp.array(90)
+  ema = step_lib.update_ema(state, 0.5).ema
+  np.testing.assert_allclose(ema['params']['encoder'], [0.5, 2.0], rtol=1e-6)
+  # Decay 0: the current values, bit for bit; D is never averaged, evaluation takes it as it is.
+  ema = step_lib.update_ema(state, 0.0).ema
+  assert_same = lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  jax.tree.map(assert_same, ema, {'params': {'encoder': state.params['encoder']},
+                                  'batch_stats': state.batch_stats})
+  variables = step_lib.evaluation_variables(types.SimpleNamespace(params=state.params, ema=ema))
+  assert_same(variables['params'][step_lib.DISCRIMINATOR], [5.0])
+
+
+def test_ema_averages_the_steps_generator_side(two_level):
+  mesh, model, state, _ = two_level
+  config = tiny_config()
+  tx_g, tx_d = step_lib.make_optimizers(config)
+  ema_step = step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh, ema_decay=0.5)
+  plain_step = step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh)
+  batch = step_lib.put_batch(batches(1)[0], mesh)
+  before = copy(state)
+  with_ema, _ = ema_step(copy(state), batch)
+  without, _ = plain_step(copy(state), batch)
+  # The same update (up to XLA fusing another program differently); the average at step 0's
+  # cap d = 0.1: 0.1 * before + 0.9 * after.
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               with_ema.params, without.params)
+  g_after, _ = step_lib.split_params(without.params)
+  g_before, _ = step_lib.split_params(before.params)
+  expected = jax.tree.map(lambda b, a: 0.1 * b + 0.9 * a, g_before, g_after)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
+               with_ema.ema['params'], expected)
+  assert same_tree(without.ema['params'], g_after)  # Off: the current parameters.

@@ -31,6 +31,7 @@ from configs import mnist
 from hali_jax import checkpoint
 from hali_jax import methods
 from hali_jax import models
+from hali_jax import probes
 from hali_jax import train
 from hali_jax import workdir_lock
 from hali_jax.errors import UserError
@@ -124,6 +125,21 @@ def check_outputs(workdir: Path, steps: list[int], eval_steps: list[int], side: 
       assert (events[name][step].image.height, events[name][step].image.width) == (height, width)
       png = np.asarray(Image.open(workdir / 'images' / f'{name.replace("/", "_")}_{step:08d}.png'))
       assert png.shape == (height, width, 3) and png.std() > 0, name
+  # The probes: the baselines measured once, then one record per evaluation, in TensorBoard too.
+  records = probes.read_records(workdir)
+  assert [(r['step'], r['kind']) for r in records] == [(0, 'baselines')] + [
+      (step, 'probes') for step in eval_steps]
+  for name in ('logistic/pixels', 'nn/pixels', f'logistic/init_level_{levels}',
+               'reconstruction/mean_image', 'reconstruction/random_pairs'):
+    assert name in records[0], name
+  for step, record in zip(eval_steps, records[1:]):
+    for l in range(1, levels + 1):
+      for probe in ('logistic', 'nn'):
+        assert 0 <= record[f'{probe}/level_{l}'] <= 1
+        assert events[f'probes/{probe}/level_{l}'][step].simple_value == pytest.approx(
+            record[f'{probe}/level_{l}'])
+      assert record[f'reconstruction/level_{l}'] > 0
+    assert 0 <= record['d_accuracy_q'] <= 1 and 0 <= record['d_accuracy_p'] <= 1
   return events
 
 
@@ -186,6 +202,28 @@ def test_stopped_and_resumed_is_bitwise_straight(straight, tmp_path, caplog):
                  if r.getMessage().startswith('Compiling jit(train_step)')]
   assert len(compiled_in) == 1 and compiled_in[0] != 'MainThread', compiled_in
   check_outputs(tmp_path, steps=[2, 4], eval_steps=[2, 4], side=28, levels=2)
+
+
+def test_ema_is_checkpointed_resumed_and_restored_for_analysis(tmp_path):
+  def config(**changes):
+    c = tiny_config(**changes)
+    c.optim.ema_decay = 0.5
+    return c
+
+  with mock_tfds(MOCK_EXAMPLES):
+    straight_state = train.train_and_evaluate(config(), str(tmp_path / 'straight'))
+    train.train_and_evaluate(config(num_train_steps=2), str(tmp_path / 'resumed'))
+    resumed = train.train_and_evaluate(config(), str(tmp_path / 'resumed'))
+  assert_trees_equal(resumed, straight_state)  # The averages included.
+  g_params = {k: v for k, v in straight_state.params.items() if k != 'discriminator'}
+  averaged = jax.tree.leaves(straight_state.ema['params'])
+  assert not all(np.array_equal(a, b) for a, b in zip(averaged, jax.tree.leaves(g_params)))
+  # Analysis gets the averages, with D's current parameters.
+  restored = checkpoint.restore(str(tmp_path / 'resumed'))
+  assert_trees_equal(restored.variables, {
+      'params': {**straight_state.ema['params'],
+                 'discriminator': straight_state.params['discriminator']},
+      'batch_stats': straight_state.ema['batch_stats']})
 
 
 def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_check(

@@ -1,0 +1,303 @@
+"""Probes during training: is each level becoming a better representation and a better code?
+
+At every evaluation (train.py), on fixed subsets read once per run (config.probes):
+  * per level l, on the deterministic features (each kernel's mean, clean x, batch norm's
+    running averages: `representation.encoder_features`' features):
+    - `logistic/level_l`: test accuracy of a multinomial logistic regression (softmax, L2)
+      fitted on the probe's training subset (`logistic_accuracy`);
+    - `nn/level_l`: test accuracy of the 1-nearest neighbour in the training subset, Euclidean
+      (`nearest_neighbour_accuracy`), BiGAN's probe;
+    - `reconstruction/level_l`: the mean Euclidean distance ||x - x_hat_l|| over the test
+      subset, in the model's [-1, 1] pixel scale (x_hat_l through every kernel's mean);
+  * `d_accuracy_q` and `d_accuracy_p`: D's accuracy on the encoder's joint of the test images
+    and on the decoder's joint from the prior, as in a training step (dropout, noise, batch
+    statistics).
+Baselines, measured once per run (`baselines`): the same probes on raw pixels
+(`.../pixels`) and on the encoder at initialisation (`.../init_level_l`), and two
+reconstruction errors no model should exceed: the training subset's mean image
+(`reconstruction/mean_image`) and each test image against the next (`.../random_pairs`).
+On a dataset without class labels only the reconstruction and D numbers are kept.
+
+Everything is a pure function of numpy variables computed on one device of process 0, so the
+probes add no collective to a multi-process run. Records go to TensorBoard (`probes/...`) and
+are appended to DIR/probes.jsonl, one JSON object per line: {"step": 0, "kind": "baselines",
+...} first, then {"step": s, "kind": "probes", ..., "seconds": cost}.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from hali_jax import analysis
+from hali_jax import input_pipeline
+from hali_jax import models
+from hali_jax.errors import UserError
+
+PROBES_FILE = 'probes.jsonl'
+
+# --------------------------------------------------------------------------------------------
+# The two classification probes, on features [N, D] and integer labels [N].
+# --------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=('num_classes', 'iterations'))
+def _fit_logistic(x, y, l2, *, num_classes: int, iterations: int):
+  """(W, b) minimising mean cross-entropy + l2 / 2 ||W||^2 by L-BFGS (a convex problem)."""
+  def loss(params):
+    w, b = params
+    logits = x @ w + b
+    return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            + 0.5 * l2 * jnp.sum(w * w))
+
+  solver = optax.lbfgs()
+  value_and_grad = optax.value_and_grad_from_state(loss)
+
+  def iteration(_, carry):
+    params, state = carry
+    value, grad = value_and_grad(params, state=state)
+    updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
+    return optax.apply_updates(params, updates), state
+
+  params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
+  params, _ = jax.lax.fori_loop(0, iterations, iteration, (params, solver.init(params)))
+  return params
+
+
+def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                      test_y: np.ndarray, num_classes: int, l2: float = 1e-3,
+                      iterations: int = 100) -> float:
+  """Test accuracy of a multinomial logistic regression fitted on (train_x, train_y).
+
+  Features are standardised with the training examples' mean and std (features constant there
+  stay 0), so one fixed `l2` suits pixels and every level alike; it is set a priori, never
+  chosen on the test examples.
+  """
+  mean, std = train_x.mean(0), train_x.std(0)
+  scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0).astype(np.float32)
+  standardise = lambda v: ((v - mean) * scale).astype(np.float32)
+  w, b = _fit_logistic(standardise(train_x), np.asarray(train_y, np.int32), l2,
+                       num_classes=num_classes, iterations=iterations)
+  predictions = np.argmax(standardise(test_x) @ np.asarray(w) + np.asarray(b), axis=1)
+  return float(np.mean(predictions == test_y))
+
+
+@jax.jit
+def _nearest(train_x, test_x):
+  # ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2; ||a||^2 is the same for every b of a row.
+  distances = jnp.sum(train_x * train_x, axis=1)[None, :] - 2 * test_x @ train_x.T
+  return jnp.argmin(distances, axis=1)
+
+
+def nearest_neighbour_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                               test_y: np.ndarray, chunk: int = 1000) -> float:
+  """Test accuracy of the 1-nearest neighbour (Euclidean) among the training examples."""
+  train_x = np.asarray(train_x, np.float32)
+  hits = 0
+  for start in range(0, len(test_x), chunk):
+    part = np.asarray(test_x[start:start + chunk], np.float32)
+    hits += int(np.sum(np.asarray(train_y)[np.asarray(_nearest(train_x, part))]
+                       == test_y[start:start + chunk]))
+  return hits / len(test_x)
+
+
+def mean_distance(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean over examples of the Euclidean distance between a[i] and b[i] (b may broadcast)."""
+  difference = (a - b).reshape(len(a), -1)
+  return float(np.mean(np.sqrt(np.sum(difference * difference, axis=1))))
+
+
+# --------------------------------------------------------------------------------------------
+# The probe subsets.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+  """The fixed images of a run's probes; labels are None for a dataset without classes."""
+  train_images: np.ndarray
+  test_images: np.ndarray
+  train_labels: np.ndarray | None
+  test_labels: np.ndarray | None
+  num_classes: int
+
+
+def load_data(config: ml_collections.ConfigDict) -> ProbeData:
+  """The first config.probes.train_examples images of the training split, and
+  config.probes.test_examples of config.probes.test_split (fewer where a split has fewer): its
+  first ones, or, when it is the training split itself (held-out training data, to choose
+  settings without the test split), its last ones, which the training subset never reaches."""
+  p = config.probes
+  train_split = config.input.train_split
+  test_split = p.test_split or config.input.eval_split
+  train_size = input_pipeline.split_size(config, train_split)
+  num_train = min(p.train_examples, train_size)
+  held_out = test_split == train_split
+  if held_out and p.train_examples + p.test_examples > train_size:
+    raise UserError(f'config.probes.train_examples + test_examples = '
+                    f'{p.train_examples + p.test_examples} exceed the {train_size} images of '
+                    f'{train_split}, from which both are taken: lower them.')
+  num_test = min(p.test_examples, input_pipeline.split_size(config, test_split))
+  train = input_pipeline.load_split(config, train_split, num_train)
+  test = input_pipeline.load_split(config, test_split, num_test, last=held_out)
+  num_classes = input_pipeline.num_classes(config)
+  return ProbeData(train['image'], test['image'],
+                   train['label'] if num_classes else None,
+                   test['label'] if num_classes else None, num_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# One evaluation.
+# --------------------------------------------------------------------------------------------
+
+
+def _features_and_reconstructions(model: models.HALI, variables, x):
+  """Every level's deterministic features [B, D_l], and its x_hat_l from them."""
+  zs = analysis.encode(model, variables, x)
+  return ([z.reshape(len(z), -1) for z in zs],
+          [analysis.decode_from(model, variables, z, l) for l, z in enumerate(zs, start=1)])
+
+
+def _discriminator_accuracy(model: models.HALI, variables, x, key):
+  """D's accuracy on the encoder's joint of x and on as many decoder draws, as in training
+  (batch statistics, dropout, input noise): the game's D, on held-out images. (Without its
+  dropout, 0.5 on most layers, D is another classifier: early in training it called every pair
+  real.)"""
+  keys = models.split_keys(key, model.arch.num_levels)
+  out, _ = model.apply(variables, x, keys, train=True, rngs={'dropout': keys['dropout']},
+                       mutable=['batch_stats'])
+  return jnp.mean(out['logits_q'] > 0), jnp.mean(out['logits_p'] < 0)
+
+
+class Prober:
+  """Runs the probes of one run: `baselines(variables)` once, `__call__(variables)` at every
+  evaluation, each returning a flat dict of numbers."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model: models.HALI, data: ProbeData,
+               with_discriminator: bool):
+    self._config = config.probes
+    self._model = model
+    self._data = data
+    self._with_discriminator = with_discriminator
+    options = models.compiler_options()
+    self._features = jax.jit(functools.partial(_features_and_reconstructions, model),
+                             compiler_options=options)
+    self._d_accuracy = jax.jit(functools.partial(_discriminator_accuracy, model),
+                               compiler_options=options)
+    self._d_key = jax.random.PRNGKey(config.seed + 1)
+
+  def _map(self, variables, images):
+    return analysis.map_in_batches(functools.partial(self._features, variables), [images],
+                                   self._config.batch_size)
+
+  def _classify(self, train_x, test_x) -> dict[str, float]:
+    d = self._data
+    return dict(logistic=logistic_accuracy(train_x, d.train_labels, test_x, d.test_labels,
+                                           d.num_classes, self._config.l2),
+                nn=nearest_neighbour_accuracy(train_x, d.train_labels, test_x, d.test_labels))
+
+  def _levels(self, variables, suffix: str = '') -> dict[str, float]:
+    """Every level's probes on `variables` (numpy), named '<probe>/<level name><suffix>'."""
+    d = self._data
+    test_features, reconstructions = self._map(variables, d.test_images)
+    results = {f'reconstruction/{suffix}level_{l}': mean_distance(d.test_images, x_hat)
+               for l, x_hat in enumerate(reconstructions, start=1)}
+    if d.num_classes:
+      train_features, _ = self._map(variables, d.train_images)
+      for l, (train_x, test_x) in enumerate(zip(train_features, test_features), start=1):
+        results.update({f'{name}/{suffix}level_{l}': value
+                        for name, value in self._classify(train_x, test_x).items()})
+    return results
+
+  def baselines(self, initial_variables) -> dict[str, float]:
+    """Raw pixels' probes, the encoder's at initialisation, the mean image's and random pairs'
+    reconstruction errors."""
+    d = self._data
+    results = {'reconstruction/mean_image': mean_distance(d.test_images,
+                                                          d.train_images.mean(0, keepdims=True)),
+               'reconstruction/random_pairs': mean_distance(d.test_images,
+                                                            np.roll(d.test_images, -1, 0))}
+    if d.num_classes:
+      flat = lambda images: images.reshape(len(images), -1)
+      results.update({f'{name}/pixels': value for name, value in
+                      self._classify(flat(d.train_images), flat(d.test_images)).items()})
+    results.update(self._levels(jax.device_get(initial_variables), suffix='init_'))
+    return results
+
+  def __call__(self, variables) -> dict[str, float]:
+    variables = jax.device_get(variables)
+    results = self._levels(variables)
+    if self._with_discriminator:
+      accuracy_q, accuracy_p = self._map_discriminator(variables)
+      results.update(d_accuracy_q=accuracy_q, d_accuracy_p=accuracy_p)
+    return results
+
+  def _map_discriminator(self, variables) -> tuple[float, float]:
+    images = self._data.test_images
+    size = self._config.batch_size
+    accuracies = [self._d_accuracy(variables, images[start:start + size],
+                                   jax.random.fold_in(self._d_key, start))
+                  for start in range(0, len(images) - size + 1, size)]
+    if not accuracies:  # Fewer test images than a batch: one batch of them all.
+      accuracies = [self._d_accuracy(variables, images, self._d_key)]
+    q, p = np.mean(np.asarray(accuracies), axis=0)
+    return float(q), float(p)
+
+
+# --------------------------------------------------------------------------------------------
+# DIR/probes.jsonl and the console.
+# --------------------------------------------------------------------------------------------
+
+
+def read_records(workdir: str) -> list[dict]:
+  """Every record of DIR/probes.jsonl ([] if there is none)."""
+  path = os.path.join(workdir, PROBES_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def rewind(workdir: str, step: int) -> dict | None:
+  """Drops the records a stopped run wrote after `step` (a resumed run writes them again);
+  returns the run's baselines, if they were measured."""
+  records = [r for r in read_records(workdir) if r['step'] <= step]
+  path = os.path.join(workdir, PROBES_FILE)
+  if os.path.exists(path):
+    with open(path, 'w') as f:
+      f.writelines(json.dumps(r) + '\n' for r in records)
+  return next((r for r in records if r['kind'] == 'baselines'), None)
+
+
+def append_record(workdir: str, record: Mapping) -> None:
+  with open(os.path.join(workdir, PROBES_FILE), 'a') as f:
+    f.write(json.dumps(dict(record)) + '\n')
+
+
+def summary_line(step: int, results: Mapping[str, float], baselines: Mapping[str, float],
+                 num_levels: int) -> str:
+  """One console line: the top level's probes beside the pixels' and the untrained encoder's,
+  every level's reconstruction error beside the mean image's, D's accuracies."""
+  top = f'level_{num_levels}'
+  parts = [f'step {step} probes:']
+  for name, what in (('logistic', 'logistic'), ('nn', '1-NN')):
+    if f'{name}/{top}' in results:
+      parts.append(f'{what} z{num_levels} {100 * results[f"{name}/{top}"]:.1f}% (pixels '
+                   f'{100 * baselines[f"{name}/pixels"]:.1f}%, untrained '
+                   f'{100 * baselines[f"{name}/init_{top}"]:.1f}%)')
+  parts.append('reconstruction ' + ' '.join(
+      f'x{l} {results[f"reconstruction/level_{l}"]:.2f}' for l in range(1, num_levels + 1))
+      + f' (mean image {baselines["reconstruction/mean_image"]:.2f}, random pairs '
+      f'{baselines["reconstruction/random_pairs"]:.2f})')
+  if 'd_accuracy_q' in results:
+    parts.append(f'D accuracy q {results["d_accuracy_q"]:.2f} p {results["d_accuracy_p"]:.2f}')
+  return '  '.join(parts)
