@@ -2,8 +2,8 @@
 
 Every config starts from hali_jax/default_config.py (where each field is documented) and
 overrides what differs. Options, comma-separated after the colon (configs/mnist.py:tiny,ali):
-  tiny  small widths and latents, global batch 8, 4 steps, compiled quickly (quick_compile):
-        runs on a CPU in well under a minute.
+  tiny  small widths and latents, global batch 8, 4 steps, probes on 16 and 8 images, compiled
+        quickly (quick_compile): runs on a CPU in well under a minute.
   ali   one latent level (model.num_levels = 1): ALI, the paper's baseline.
 A config may accept more (celeba.py: 64).
 """

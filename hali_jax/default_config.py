@@ -104,8 +104,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   # log steps.
   c.max_consecutive_skips = 20
   c.seed = 0
-  # On a CPU, compile the state's initializer, the step, the evaluation and the finiteness check
-  # for a short run: without LLVM's optimisations and, where XLA has them (jaxlib 0.10), with its
+  # On a CPU, compile the state's initializer, the step, the evaluation, the probes and the
+  # finiteness check for a short run: without LLVM's optimisations and, where XLA has them (jaxlib 0.10), with its
   # older fusion emitters (models.QUICK_COMPILER_OPTIONS), about 3x sooner, each step then ~2x
   # slower. For runs of a few steps; the `tiny` option sets it. It rounds floats differently, so
   # a resumed run is bitwise the uninterrupted one only if both share it.
@@ -121,6 +121,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # The split scored; None: config.input.eval_split. The training split itself means its last
   # test_examples images (held-out training data: choose settings without the test split).
   c.probes.test_split = ml_collections.config_dict.placeholder(str)
+  # The classification probes, where the data has class labels; off, the reconstruction and D
+  # numbers alone.
+  c.probes.classes = True
   c.probes.l2 = 1e-3  # The logistic regression's weight decay, on standardised features.
   c.probes.batch_size = 500  # Images per forward pass.
 
@@ -207,6 +210,7 @@ FIELD_RULES = {
     'probes.train_examples': _POSITIVE_INT,
     'probes.test_examples': _POSITIVE_INT,
     'probes.test_split': ((lambda v: v is None or isinstance(v, str)), 'a split name, or None'),
+    'probes.classes': _of_type(bool, 'True or False'),
     'probes.l2': _number(float, 0),
     'probes.batch_size': _POSITIVE_INT,
     'batch_size': _POSITIVE_INT,

@@ -16,7 +16,8 @@ Baselines, measured once per run (`baselines`): the same probes on raw pixels
 (`.../pixels`) and on the encoder at initialisation (`.../init_level_l`), and two
 reconstruction errors no model should exceed: the training subset's mean image
 (`reconstruction/mean_image`) and each test image against the next (`.../random_pairs`).
-On a dataset without class labels only the reconstruction and D numbers are kept.
+On a dataset without class labels (or with config.probes.classes off) only the reconstruction
+and D numbers are kept.
 
 Everything is a pure function of numpy variables computed on one device of process 0, so the
 probes add no collective to a multi-process run. Records go to TensorBoard (`probes/...`) and
@@ -149,7 +150,7 @@ def load_data(config: ml_collections.ConfigDict) -> ProbeData:
   num_test = min(p.test_examples, input_pipeline.split_size(config, test_split))
   train = input_pipeline.load_split(config, train_split, num_train)
   test = input_pipeline.load_split(config, test_split, num_test, last=held_out)
-  num_classes = input_pipeline.num_classes(config)
+  num_classes = input_pipeline.num_classes(config) if p.classes else 0
   return ProbeData(train['image'], test['image'],
                    train['label'] if num_classes else None,
                    test['label'] if num_classes else None, num_classes)
@@ -160,11 +161,13 @@ def load_data(config: ml_collections.ConfigDict) -> ProbeData:
 # --------------------------------------------------------------------------------------------
 
 
-def _features_and_reconstructions(model: models.HALI, variables, x):
-  """Every level's deterministic features [B, D_l], and its x_hat_l from them."""
+def _encode_and_reconstruct(model: models.HALI, variables, x, *, with_features: bool):
+  """(every level's deterministic features [B, D_l], or [] without `with_features`; every
+  level's ||x - x_hat_l|| [B], x_hat_l decoded from those features)."""
   zs = analysis.encode(model, variables, x)
-  return ([z.reshape(len(z), -1) for z in zs],
-          [analysis.decode_from(model, variables, z, l) for l, z in enumerate(zs, start=1)])
+  distances = [jnp.sqrt(jnp.sum(jnp.square(x - analysis.decode_from(model, variables, z, l)),
+                                axis=(1, 2, 3))) for l, z in enumerate(zs, start=1)]
+  return [z.reshape(len(z), -1) for z in zs] if with_features else [], distances
 
 
 def _discriminator_accuracy(model: models.HALI, variables, x, key):
@@ -188,16 +191,17 @@ class Prober:
     self._model = model
     self._data = data
     self._with_discriminator = with_discriminator
-    options = models.compiler_options()
-    self._features = jax.jit(functools.partial(_features_and_reconstructions, model),
-                             compiler_options=options)
+    options = models.compiler_options(quick=config.quick_compile)
+    self._encode = {with_features: jax.jit(
+        functools.partial(_encode_and_reconstruct, model, with_features=with_features),
+        compiler_options=options) for with_features in (False, True)}
     self._d_accuracy = jax.jit(functools.partial(_discriminator_accuracy, model),
                                compiler_options=options)
     self._d_key = jax.random.PRNGKey(config.seed + 1)
 
-  def _map(self, variables, images):
-    return analysis.map_in_batches(functools.partial(self._features, variables), [images],
-                                   self._config.batch_size)
+  def _map(self, variables, images, with_features: bool):
+    return analysis.map_in_batches(functools.partial(self._encode[with_features], variables),
+                                   [images], self._config.batch_size)
 
   def _classify(self, train_x, test_x) -> dict[str, float]:
     d = self._data
@@ -208,11 +212,11 @@ class Prober:
   def _levels(self, variables, suffix: str = '') -> dict[str, float]:
     """Every level's probes on `variables` (numpy), named '<probe>/<level name><suffix>'."""
     d = self._data
-    test_features, reconstructions = self._map(variables, d.test_images)
-    results = {f'reconstruction/{suffix}level_{l}': mean_distance(d.test_images, x_hat)
-               for l, x_hat in enumerate(reconstructions, start=1)}
+    test_features, distances = self._map(variables, d.test_images, bool(d.num_classes))
+    results = {f'reconstruction/{suffix}level_{l}': float(np.mean(distance))
+               for l, distance in enumerate(distances, start=1)}
     if d.num_classes:
-      train_features, _ = self._map(variables, d.train_images)
+      train_features, _ = self._map(variables, d.train_images, True)
       for l, (train_x, test_x) in enumerate(zip(train_features, test_features), start=1):
         results.update({f'{name}/{suffix}level_{l}': value
                         for name, value in self._classify(train_x, test_x).items()})

@@ -107,8 +107,9 @@ def grid_side(images: int, side: int, columns: int) -> tuple[int, int]:
 
 
 def check_outputs(workdir: Path, steps: list[int], eval_steps: list[int], side: int,
-                  levels: int, eval_images: int = 8) -> dict:
-  """Checkpoints, config.json, events and PNG grids of a finished run; returns the events."""
+                  levels: int, eval_images: int = 8, classes: bool = True) -> dict:
+  """Checkpoints, config.json, events, PNG grids and probes of a finished run (`classes`: with
+  the classification probes); returns the events."""
   assert checkpoint.all_steps(workdir) == steps
   assert (workdir / 'config.json').is_file()
   events = read_events(workdir)
@@ -129,12 +130,12 @@ def check_outputs(workdir: Path, steps: list[int], eval_steps: list[int], side: 
   records = probes.read_records(workdir)
   assert [(r['step'], r['kind']) for r in records] == [(0, 'baselines')] + [
       (step, 'probes') for step in eval_steps]
-  for name in ('logistic/pixels', 'nn/pixels', f'logistic/init_level_{levels}',
-               'reconstruction/mean_image', 'reconstruction/random_pairs'):
-    assert name in records[0], name
+  classifications = ('logistic/pixels', 'nn/pixels', f'logistic/init_level_{levels}')
+  assert all((name in records[0]) == classes for name in classifications), records[0]
+  assert 'reconstruction/mean_image' in records[0] and 'reconstruction/random_pairs' in records[0]
   for step, record in zip(eval_steps, records[1:]):
     for l in range(1, levels + 1):
-      for probe in ('logistic', 'nn'):
+      for probe in ('logistic', 'nn') if classes else ():
         assert 0 <= record[f'{probe}/level_{l}'] <= 1
         assert events[f'probes/{probe}/level_{l}'][step].simple_value == pytest.approx(
             record[f'{probe}/level_{l}'])
@@ -229,8 +230,8 @@ def test_ema_is_checkpointed_resumed_and_restored_for_analysis(tmp_path):
 def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_check(
     tmp_path, monkeypatch):
   """config.quick_compile (which `tiny` sets) asks for models.QUICK_COMPILER_OPTIONS for the
-  state's initializer, the step, the evaluation and the finiteness check, and XLA accepts them
-  (jaxlib 0.11's has no older fusion emitters to choose)."""
+  state's initializer, the step, the evaluation, the probes and the finiteness check, and XLA
+  accepts them (jaxlib 0.11's has no older fusion emitters to choose)."""
   compiler_options, asked = models.compiler_options, []
 
   def spy(mesh=None, options=None, quick=False):
@@ -241,7 +242,7 @@ def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_ch
   assert tiny_config().quick_compile and not mnist.get_config().quick_compile
   with mock_tfds(MOCK_EXAMPLES):
     train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
-  assert asked == [True] * 4, asked
+  assert asked == [True] * 5, asked
   if jax.default_backend() == 'cpu':
     expected = {**models.CPU_COMPILER_OPTIONS, **models.QUICK_COMPILER_OPTIONS}
     if not XLA_HAS_OLDER_EMITTERS:
