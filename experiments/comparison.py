@@ -38,10 +38,8 @@ FLAGS = flags.FLAGS
 DECIMALS = 2  # The tables print percentages at 2 decimals; # Best compares at that precision.
 
 
-def runs() -> tuple[list[tuple[str, checkpoint.Restored]], ml_collections.ConfigDict]:
-  """([(name, restored latest checkpoint)], the data config they share), from --workdirs."""
-  if not FLAGS.output_dir:
-    raise UserError('--output_dir=DIR is required: where the tables go.')
+def named_workdirs() -> list[tuple[str, str]]:
+  """[(name, workdir)] from --workdirs; UserError if it is missing or malformed."""
   if not FLAGS.workdirs:
     raise UserError('--workdirs=NAME=DIR,... is required, e.g. --workdirs=hali=DIR1,ali=DIR2.')
   named = []
@@ -52,7 +50,15 @@ def runs() -> tuple[list[tuple[str, checkpoint.Restored]], ml_collections.Config
     if name in dict(named):
       raise UserError(f'--workdirs names {name!r} twice; give every run its own name.')
     named.append((name, workdir))
-  restored = [(name, common.with_data_dir(checkpoint.restore(workdir))) for name, workdir in named]
+  return named
+
+
+def runs() -> tuple[list[tuple[str, checkpoint.Restored]], ml_collections.ConfigDict]:
+  """([(name, restored latest checkpoint)], the data config they share), from --workdirs."""
+  if not FLAGS.output_dir:
+    raise UserError('--output_dir=DIR is required: where the tables go.')
+  restored = [(name, common.with_data_dir(checkpoint.restore(workdir)))
+              for name, workdir in named_workdirs()]
   data = lambda c: (c.dataset, c.image_size, c.input.crop_size)
   first_name, first = restored[0]
   for name, r in restored[1:]:

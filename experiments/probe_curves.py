@@ -2,6 +2,8 @@
 
   python experiments/probe_curves.py --workdirs=hali=DIR1,ali=DIR2,vae=DIR3 --output_dir=OUT
 
+(--workdirs as the table scripts', experiments/comparison.py.)
+
 Reads each run's DIR/probes.jsonl (written at every evaluation of training) and draws, against
 the training step: the top level's logistic-regression and 1-NN test accuracy (and every lower
 level's, dotted), beside raw pixels' and each untrained encoder's (flat lines); every level's
@@ -17,23 +19,11 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import common
+import comparison
 from hali_jax import probes
 from hali_jax.errors import UserError
 
-flags.DEFINE_list('workdirs', None, 'NAME=DIR pairs, comma-separated: the runs to draw.')
 FLAGS = flags.FLAGS
-
-
-def named_workdirs() -> list[tuple[str, str]]:
-  if not FLAGS.output_dir:
-    raise UserError('--output_dir=DIR is required: where the figure goes.')
-  if not FLAGS.workdirs:
-    raise UserError('--workdirs=NAME=DIR,... is required, e.g. --workdirs=hali=DIR1,ali=DIR2.')
-  named = [item.partition('=')[::2] for item in FLAGS.workdirs]
-  for (name, workdir), item in zip(named, FLAGS.workdirs):
-    if not name or not workdir:
-      raise UserError(f'--workdirs entry {item!r} is not NAME=DIR (e.g. hali=workdirs/hali).')
-  return named
 
 
 def load(workdir: str) -> tuple[dict, list[dict]]:
@@ -129,7 +119,9 @@ def table_rows(runs: list[tuple[str, dict, list[dict]]]) -> list[dict]:
 
 def main(argv):
   del argv
-  runs = [(name, *load(workdir)) for name, workdir in named_workdirs()]
+  if not FLAGS.output_dir:
+    raise UserError('--output_dir=DIR is required: where the figure goes.')
+  runs = [(name, *load(workdir)) for name, workdir in comparison.named_workdirs()]
   common.save_table('probe_curves', table_rows(runs), decimals=2)
   plot(runs)
 

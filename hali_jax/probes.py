@@ -29,10 +29,8 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from typing import Mapping
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -161,13 +159,15 @@ def load_data(config: ml_collections.ConfigDict) -> ProbeData:
 # --------------------------------------------------------------------------------------------
 
 
-def _encode_and_reconstruct(model: models.HALI, variables, x, *, with_features: bool):
-  """(every level's deterministic features [B, D_l], or [] without `with_features`; every
-  level's ||x - x_hat_l|| [B], x_hat_l decoded from those features)."""
+def _encode_and_reconstruct(model: models.HALI, variables, x, *, features: bool,
+                            distances: bool):
+  """(every level's deterministic features [B, D_l] if `features`, else []; every level's
+  ||x - x_hat_l|| [B], x_hat_l decoded from those features, if `distances`, else [])."""
   zs = analysis.encode(model, variables, x)
-  distances = [jnp.sqrt(jnp.sum(jnp.square(x - analysis.decode_from(model, variables, z, l)),
-                                axis=(1, 2, 3))) for l, z in enumerate(zs, start=1)]
-  return [z.reshape(len(z), -1) for z in zs] if with_features else [], distances
+  return ([z.reshape(len(z), -1) for z in zs] if features else [],
+          [jnp.sqrt(jnp.sum(jnp.square(x - analysis.decode_from(model, variables, z, l)),
+                            axis=(1, 2, 3))) for l, z in enumerate(zs, start=1)]
+          if distances else [])
 
 
 def _discriminator_accuracy(model: models.HALI, variables, x, key):
@@ -188,20 +188,21 @@ class Prober:
   def __init__(self, config: ml_collections.ConfigDict, model: models.HALI, data: ProbeData,
                with_discriminator: bool):
     self._config = config.probes
-    self._model = model
     self._data = data
     self._with_discriminator = with_discriminator
     options = models.compiler_options(quick=config.quick_compile)
-    self._encode = {with_features: jax.jit(
-        functools.partial(_encode_and_reconstruct, model, with_features=with_features),
-        compiler_options=options) for with_features in (False, True)}
+    # (features, distances) -> its program: the training images need no decoding.
+    self._encode = {parts: jax.jit(
+        functools.partial(_encode_and_reconstruct, model, features=parts[0], distances=parts[1]),
+        compiler_options=options) for parts in ((False, True), (True, True), (True, False))}
     self._d_accuracy = jax.jit(functools.partial(_discriminator_accuracy, model),
                                compiler_options=options)
     self._d_key = jax.random.PRNGKey(config.seed + 1)
 
-  def _map(self, variables, images, with_features: bool):
-    return analysis.map_in_batches(functools.partial(self._encode[with_features], variables),
-                                   [images], self._config.batch_size)
+  def _map(self, variables, images, features: bool, distances: bool):
+    return analysis.map_in_batches(
+        functools.partial(self._encode[features, distances], variables), [images],
+        self._config.batch_size)
 
   def _classify(self, train_x, test_x) -> dict[str, float]:
     d = self._data
@@ -212,11 +213,11 @@ class Prober:
   def _levels(self, variables, suffix: str = '') -> dict[str, float]:
     """Every level's probes on `variables` (numpy), named '<probe>/<level name><suffix>'."""
     d = self._data
-    test_features, distances = self._map(variables, d.test_images, bool(d.num_classes))
+    test_features, distances = self._map(variables, d.test_images, bool(d.num_classes), True)
     results = {f'reconstruction/{suffix}level_{l}': float(np.mean(distance))
                for l, distance in enumerate(distances, start=1)}
     if d.num_classes:
-      train_features, _ = self._map(variables, d.train_images, True)
+      train_features, _ = self._map(variables, d.train_images, True, False)
       for l, (train_x, test_x) in enumerate(zip(train_features, test_features), start=1):
         results.update({f'{name}/{suffix}level_{l}': value
                         for name, value in self._classify(train_x, test_x).items()})
