@@ -48,6 +48,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # 'unit' (He's, for leaky ReLU: latent means start at about unit variance, the prior's scale).
   c.model.mean_init = 'default'
   c.model.input_noise_std = 0.2  # Gaussian noise on the inputs of the encoder and discriminator.
+  # Annealed instance noise, opt-in (beyond Algorithm 1): extra Gaussian noise on D's inputs
+  # only, its std falling linearly from instance_noise_std at step 0 to 0 at instance_noise_steps.
+  c.model.instance_noise_std = 0.0
+  c.model.instance_noise_steps = 10_000
   c.model.dropout = True  # Discriminator dropout (off: none at all).
   # Its rates: 'table' (Table 4's dropout column) or 'text' (sec. 4: "dropout every 3 layers with
   # a probability of retention of 0.2", read as 0.8 on every third layer's input).
@@ -189,6 +193,8 @@ FIELD_RULES = {
     'model.logvar_init': _number(float),
     'model.mean_init': _one_of('default', 'unit'),
     'model.input_noise_std': _number(float, 0),
+    'model.instance_noise_std': _number(float, 0),
+    'model.instance_noise_steps': _POSITIVE_INT,
     'model.dropout': _of_type(bool, 'True or False'),
     'model.dropout_rates': _one_of('table', 'text'),
     'model.leaky_slope': _number(float, 0, 1),

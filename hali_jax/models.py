@@ -259,22 +259,25 @@ def _mlp_architecture(w, num_levels: int, image_shape: tuple[int, int, int], z_c
 
   Every kernel has two hidden layers of w(1024) with batch norm; z_l (l < L) has z_channels
   numbers, z_L z_dim. D reads x through two weight-normalised layers of w(1024) and each z_l
-  through a path of its own, two of w(512), all concatenated into Table 4's joint layers.
+  through a path of its own, two of w(512), all concatenated into Table 4's joint layers. D drops
+  20% of every layer's input, not Table 4's 50% of most: with 0.5 this fully connected D held z_2's
+  probes back (experiments/RESULTS.md, "A recipe that learns", runs D and I).
   """
   dense = lambda features, **kw: Conv(features, kernel=1, **kw)
+  d_dense = lambda features, **kw: dense(features, dropout=0.2, **kw)
   hidden = (dense(w(1024), norm='bn'), dense(w(1024), norm='bn'))
   to_image = (dense(math.prod(image_shape), act='tanh'), ToGrid(image_shape[0]))
-  z_path = (dense(w(512), norm='wn', dropout=0.2), dense(w(512), norm='wn', dropout=0.5))
+  z_path = (d_dense(w(512), norm='wn'), d_dense(w(512), norm='wn'))
   return Architecture(
       image_shape=image_shape,
       latent_shapes=((z_channels,),) * (num_levels - 1) + ((z_dim,),),
       encoder=((Flatten(),) + hidden,) + (hidden,) * (num_levels - 1),
       decoder=(hidden + to_image,) + (hidden,) * (num_levels - 1),
-      disc_stages=((Flatten(), dense(w(1024), norm='wn', dropout=0.2),
-                    dense(w(1024), norm='wn', dropout=0.5)),) + ((),) * (num_levels - 1),
+      disc_stages=((Flatten(), d_dense(w(1024), norm='wn'), d_dense(w(1024), norm='wn')),)
+      + ((),) * (num_levels - 1),
       disc_z_paths=(z_path,) * num_levels,
-      disc_joint=(dense(w(1024), dropout=0.5), dense(w(1024), dropout=0.5)),
-      disc_logit=dense(1, act='linear', dropout=0.5))
+      disc_joint=(d_dense(w(1024)), d_dense(w(1024))),
+      disc_logit=d_dense(1, act='linear'))
 
 
 def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
@@ -944,17 +947,31 @@ class HALI(nn.Module):
   slope: float = 0.2
   input_noise_std: float = 0.2
   use_dropout: bool = True
+  # Annealed instance noise (opt-in, beyond Algorithm 1; Sønderby et al. 2017, Arjovsky & Bottou
+  # 2017): more noise on D's inputs only, its std falling linearly from instance_noise_std at
+  # step 0 to nothing at instance_noise_steps, so the two joints overlap while D would win early.
+  instance_noise_std: float = 0.0
+  instance_noise_steps: int = 1
 
   def setup(self):
     self.encoder = Encoder(self.arch, self.slope)
     self.decoder = Decoder(self.arch, self.slope)
     self.discriminator = Discriminator(self.arch, self.slope, self.use_dropout)
 
-  def _noisy(self, v, key):
-    return v + self.input_noise_std * standard_normal(key, v.shape, v.dtype)
+  def discriminator_noise_std(self, step):
+    """The std of the noise on D's inputs at training step `step`: sec. 4's input noise and the
+    annealed instance noise, independent Gaussians, so their variances add."""
+    if not self.instance_noise_std:
+      return self.input_noise_std
+    instance = self.instance_noise_std * jnp.maximum(0.0, 1.0 - step / self.instance_noise_steps)
+    return jnp.sqrt(self.input_noise_std ** 2 + instance ** 2)
+
+  def _noisy(self, v, key, std=None):
+    std = self.input_noise_std if std is None else std
+    return v + std * standard_normal(key, v.shape, v.dtype)
 
   def __call__(self, x, keys: dict[str, jax.Array], *, train: bool = True,
-               shared_backward: bool = False):
+               shared_backward: bool = False, step=0):
     """Algorithm 1's inner loop for a minibatch x.
 
     Encoder joint: z_hat_0 = x, z_hat_l ~ q(z_l | z_hat_{l-1}). Decoder joint: z_L ~ p(z) = N(0, I),
@@ -965,6 +982,7 @@ class HALI(nn.Module):
     as a regulariser, like dropout (tests/test_step.py pins this). Returns a dict with the logits
     rho_q (encoder side, 'real' for D) and rho_p (decoder side), and both joints.
     `shared_backward`: D's probes for one backward pass of both losses (see `Discriminator`).
+    `step`: the training step, which sets the annealed instance noise's std, if any.
     """
     L = self.arch.num_levels
     enc_keys = [keys[f'encoder_{l}'] for l in range(1, L + 1)]
@@ -978,7 +996,9 @@ class HALI(nn.Module):
     # One discriminator pass over both joints (no batch norm in D, so batching them is exact);
     # each of the 2 * (L + 1) inputs gets its own noise.
     noise_keys = jax.random.split(keys['discriminator_noise'], L + 1)
-    joint = [self._noisy(jnp.concatenate([q, p]), k) for q, p, k in zip(q_joint, p_joint, noise_keys)]
+    d_std = self.discriminator_noise_std(step)
+    joint = [self._noisy(jnp.concatenate([q, p]), k, d_std)
+             for q, p, k in zip(q_joint, p_joint, noise_keys)]
     logits, _ = self.discriminator(joint[0], joint[1:], train=train,
                                    shared_backward=shared_backward)
     logits_q, logits_p = jnp.split(logits, 2)
@@ -998,4 +1018,6 @@ def create_model(model_config, image_shape: Sequence[int]) -> HALI:
                     f' set --config.image_size and --config.model.arch to the same size '
                     f'(architectures: {sorted(ARCHITECTURES)}).')
   return HALI(arch, slope=model_config.leaky_slope, input_noise_std=model_config.input_noise_std,
-              use_dropout=model_config.dropout)
+              use_dropout=model_config.dropout,
+              instance_noise_std=model_config.instance_noise_std,
+              instance_noise_steps=model_config.instance_noise_steps)

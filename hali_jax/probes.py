@@ -170,19 +170,18 @@ def _encode_and_reconstruct(model: models.HALI, variables, x, *, features: bool,
           if distances else [])
 
 
-def _discriminator_accuracy(model: models.HALI, variables, x, key):
+def _discriminator_accuracy(model: models.HALI, variables, x, key, step):
   """D's accuracy on the encoder's joint of x and on as many decoder draws, as in training
   (batch statistics, dropout, input noise): the game's D, on held-out images. (Without its
-  dropout, 0.5 on most layers, D is another classifier: early in training it called every pair
-  real.)"""
+  dropout, D is another classifier: early in training it called every pair real.)"""
   keys = models.split_keys(key, model.arch.num_levels)
-  out, _ = model.apply(variables, x, keys, train=True, rngs={'dropout': keys['dropout']},
-                       mutable=['batch_stats'])
+  out, _ = model.apply(variables, x, keys, train=True, step=step,
+                       rngs={'dropout': keys['dropout']}, mutable=['batch_stats'])
   return jnp.mean(out['logits_q'] > 0), jnp.mean(out['logits_p'] < 0)
 
 
 class Prober:
-  """Runs the probes of one run: `baselines(variables)` once, `__call__(variables)` at every
+  """Runs the probes of one run: `baselines(variables)` once, `__call__(variables, step)` at every
   evaluation, each returning a flat dict of numbers."""
 
   def __init__(self, config: ml_collections.ConfigDict, model: models.HALI, data: ProbeData,
@@ -238,22 +237,23 @@ class Prober:
     results.update(self._levels(jax.device_get(initial_variables), suffix='init_'))
     return results
 
-  def __call__(self, variables) -> dict[str, float]:
+  def __call__(self, variables, step: int) -> dict[str, float]:
+    """The probes of `variables`, the state of training step `step` (D's noise depends on it)."""
     variables = jax.device_get(variables)
     results = self._levels(variables)
     if self._with_discriminator:
-      accuracy_q, accuracy_p = self._map_discriminator(variables)
+      accuracy_q, accuracy_p = self._map_discriminator(variables, step)
       results.update(d_accuracy_q=accuracy_q, d_accuracy_p=accuracy_p)
     return results
 
-  def _map_discriminator(self, variables) -> tuple[float, float]:
+  def _map_discriminator(self, variables, step: int) -> tuple[float, float]:
     images = self._data.test_images
     size = self._config.batch_size
     accuracies = [self._d_accuracy(variables, images[start:start + size],
-                                   jax.random.fold_in(self._d_key, start))
+                                   jax.random.fold_in(self._d_key, start), step)
                   for start in range(0, len(images) - size + 1, size)]
     if not accuracies:  # Fewer test images than a batch: one batch of them all.
-      accuracies = [self._d_accuracy(variables, images, self._d_key)]
+      accuracies = [self._d_accuracy(variables, images, self._d_key, step)]
     q, p = np.mean(np.asarray(accuracies), axis=0)
     return float(q), float(p)
 

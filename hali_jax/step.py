@@ -190,7 +190,7 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
 
   def forward(g_params, d_params, shared_backward=False):
     variables = {'params': {**g_params, DISCRIMINATOR: d_params}, 'batch_stats': state.batch_stats}
-    out, updates = model.apply(variables, batch['image'], keys, train=True,
+    out, updates = model.apply(variables, batch['image'], keys, train=True, step=state.step,
                                rngs={'dropout': keys['dropout']}, shared_backward=shared_backward,
                                mutable=['batch_stats', *(probes if shared_backward else ())])
     logits = (out['logits_q'], out['logits_p'])

@@ -328,7 +328,7 @@ def probe_baselines(prober: probes.Prober, workdir: str, start_step: int,
 def write_probes(writer: writers.MetricWriter, workdir: str, step: int, prober: probes.Prober,
                  baselines: dict, variables, num_levels: int) -> None:
   start = time.monotonic()
-  results = prober(variables)
+  results = prober(variables, step)
   seconds = time.monotonic() - start
   probes.append_record(workdir, {'step': step, 'kind': 'probes', **results, 'seconds': seconds})
   numbers = {k: v for k, v in baselines.items() if k not in ('step', 'kind')}

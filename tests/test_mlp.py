@@ -28,17 +28,17 @@ def test_mlp_layers():
   """The networks row by row at L = 2 (width 1); deeper ones repeat the intermediate level."""
   dense = lambda n, **kw: Conv(n, kernel=1, **kw)
   hidden = (dense(1024, norm='bn'), dense(1024, norm='bn'))
-  z_path = (dense(512, norm='wn', dropout=0.2), dense(512, norm='wn', dropout=0.5))
+  z_path = (dense(512, norm='wn', dropout=0.2), dense(512, norm='wn', dropout=0.2))
   a = models.build_architecture('mlp', 2, 1, z_channels=256, z_dim=64)
   assert a.image_shape == IMAGE_SHAPE
   assert a.latent_shapes == ((256,), (64,))
   assert a.encoder == ((Flatten(),) + hidden, hidden)
   assert a.decoder == (hidden + (dense(784, act='tanh'), ToGrid(28)), hidden)
   assert a.disc_stages == ((Flatten(), dense(1024, norm='wn', dropout=0.2),
-                            dense(1024, norm='wn', dropout=0.5)), ())
+                            dense(1024, norm='wn', dropout=0.2)), ())
   assert a.disc_z_paths == (z_path, z_path)
-  assert a.disc_joint == (dense(1024, dropout=0.5), dense(1024, dropout=0.5))
-  assert a.disc_logit == dense(1, act='linear', dropout=0.5)
+  assert a.disc_joint == (dense(1024, dropout=0.2), dense(1024, dropout=0.2))
+  assert a.disc_logit == dense(1, act='linear', dropout=0.2)
   # Any depth: no spatial side limits it.
   deep = models.build_architecture('mlp', 6, 1, width=0.5, z_channels=32, z_dim=16)
   assert deep.latent_shapes == ((32,),) * 5 + ((16,),)

@@ -384,6 +384,28 @@ def test_input_noise_and_dropout_exactly_where_the_paper_puts_them():
   assert same(run(quiet), run(quiet, encoder_noise=True, discriminator_noise=True))
 
 
+def test_annealed_instance_noise_only_on_d_inputs_and_gone_after_its_steps():
+  """Opt-in instance noise: D's input noise std is sqrt(0.2^2 + (s * (1 - step / steps))^2),
+  hand-computed for s 0.5 over 100 steps; the encoder's noise and latents never change."""
+  a = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  annealed = models.HALI(a, use_dropout=False, instance_noise_std=0.5, instance_noise_steps=100)
+  stds = [float(annealed.discriminator_noise_std(jnp.asarray(s))) for s in (0, 50, 100, 250)]
+  np.testing.assert_allclose(stds, [np.sqrt(0.29), np.sqrt(0.1025), 0.2, 0.2], rtol=1e-6)
+  assert models.HALI(a).discriminator_noise_std(jnp.asarray(0)) == 0.2  # Off by default.
+
+  x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1), minval=-1, maxval=1)
+  keys = models.split_keys(jax.random.key(1), 2)
+  plain = models.HALI(a, use_dropout=False)
+  variables = plain.init({'params': jax.random.key(2)}, x, keys)
+  run = lambda model, step: model.apply(variables, x, keys, step=step, mutable=['batch_stats'])[0]
+  early, late, base = run(annealed, 0), run(annealed, 100), run(plain, 0)
+  assert not np.allclose(early['logits_q'], base['logits_q'])
+  np.testing.assert_allclose(late['logits_q'], base['logits_q'], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(late['logits_p'], base['logits_p'], rtol=1e-5, atol=1e-6)
+  for out in (early, late):
+    assert all(np.array_equal(u.z, v.z) for u, v in zip(out['q_levels'], base['q_levels']))
+
+
 def test_dropout_drops_at_its_rate_from_few_bits():
   assert [models.dropout_bits(r) for r in (0.5, 0.25, 0.75, 0.2, 0.8)] == [1, 2, 2, 16, 16]
   h = jnp.ones((1000, 1000))

@@ -459,3 +459,16 @@ def test_ema_averages_the_steps_generator_side(two_level):
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7),
                with_ema.ema['params'], expected)
   assert same_tree(without.ema['params'], g_after)  # Off: the current parameters.
+
+
+def test_instance_noise_follows_the_state_step(two_level):
+  """The step hands its own step to the annealed instance noise: at step 0 D's loss differs from
+  the plain model's on the same keys and batch; once the noise has run out, it is the same."""
+  mesh, _, state0, plain_step = two_level
+  config = tiny_config()
+  config.model.update(instance_noise_std=1.0, instance_noise_steps=5)
+  _, _, noisy_step = make_trainer(config, mesh)
+  loss_d = lambda train_step, state: float(run(train_step, copy(state), mesh, n=1)[1][0]['loss_d'])
+  assert abs(loss_d(noisy_step, state0) - loss_d(plain_step, state0)) > 1e-4
+  late = state0.replace(step=jnp.asarray(5, state0.step.dtype))
+  np.testing.assert_allclose(loss_d(noisy_step, late), loss_d(plain_step, late), rtol=1e-5)
