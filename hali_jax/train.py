@@ -397,7 +397,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     eval_x = eval_images(config, mesh)
     prober = make_prober(config, model)
     labelled = semisup.load_labelled(config) if config.semisup.enabled else None
-    test_errors = make_test_errors(config, model, labelled)
+    diagnostics = make_test_errors(config, model, labelled)
     # Before anything writes to the workdir: one run at a time may.
     stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     manager = stack.enter_context(checkpoint.create_manager(workdir,
@@ -415,8 +415,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     initial = (lambda: state) if start_step == 0 else init
     if prober:
       baselines = probe_baselines(prober, workdir, start_step, initial)
-    if test_errors:
-      semisup_baselines, test_error_history = test_error_records(test_errors, workdir,
+    if diagnostics:
+      semisup_baselines, test_error_history = test_error_records(diagnostics, workdir,
                                                                  start_step, initial)
     writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   purge_step=start_step + 1 if start_step else None)
@@ -464,8 +464,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         if prober:
           write_probes(writer, workdir, step, prober, baselines, variables,
                        model.arch.num_levels)
-        if test_errors:
-          write_diagnostics(writer, workdir, config, step, test_errors, semisup_baselines,
+        if diagnostics:
+          write_diagnostics(writer, workdir, config, step, diagnostics, semisup_baselines,
                             test_error_history, variables)
         writer.flush()
 

@@ -1,6 +1,7 @@
 """Semi-supervised HALI (hali_jax/semisup.py): labelled subset, supervised cost, test errors."""
 
 import functools
+import json
 import types
 
 import jax
@@ -15,8 +16,10 @@ from hali_jax import methods
 from hali_jax import models
 from hali_jax import semisup
 from hali_jax import step as step_lib
+from hali_jax import train
 from hali_jax.errors import UserError
 from tests.test_input_pipeline import mock_tfds
+from tests.test_train import read_events
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -152,9 +155,9 @@ def test_ali_trains_with_the_supervised_cost(ali):
 
 
 def test_mnist_semisup_config_is_consistent():
-  for arg, num_levels in ((None, 2), ('tiny,ali', 1)):
+  for arg, num_levels, arch in ((None, 2, 'mlp'), ('tiny,ali', 1, 'mlp'), ('lean', 2, '28-lean')):
     config = mnist_semisup.get_config(arg)
-    assert config.semisup.enabled and config.dataset == 'mnist'
+    assert config.semisup.enabled and config.dataset == 'mnist' and config.model.arch == arch
     model = models.create_model(config.model, IMAGE_SHAPE)
     classifier = semisup.create_classifier(config, model)
     assert classifier.level == num_levels
@@ -326,3 +329,32 @@ def test_the_eq_10_baseline_trains_no_discriminator_and_has_no_adversarial_term(
   assert changed(before.batch_stats['encoder'], state.batch_stats['encoder'])
   assert not changed(before.batch_stats['decoder'], state.batch_stats['decoder'])
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_a_run_logs_its_diagnostics_and_reads_its_baselines_back_on_resume(tmp_path,
+                                                                           monkeypatch):
+  # The eq.-10 baseline, so that the training program's dispatch to it is run too.
+  config = mnist_semisup.get_config('tiny')
+  config.semisup.update(labels_per_class=1, batch_size=4, adversarial=False)
+  config.probes.enabled = False
+  read = lambda: json.loads((tmp_path / 'test_errors.json').read_text())
+  with mock_tfds(num_examples=20):
+    train.train_and_evaluate(config, str(tmp_path))
+    first = read()
+    assert [r['step'] for r in first['history']] == [2, 4]
+    assert (first['step'], first['test_errors']) == (4, first['history'][-1]['test_errors'])
+    assert not first['adversarial'] and first['labels_per_class'] == 1
+    assert set(first['baselines']) == {'refit_errors/pixels', 'refit_errors/init_level_1',
+                                       'refit_errors/init_level_2'}
+    assert {'semisup/test_errors', 'semisup/refit_errors/level_1',
+            'semisup/refit_errors/level_2', 'semisup/baseline/refit_errors/pixels',
+            'semisup/baseline/refit_errors/init_level_2'} <= set(read_events(tmp_path))
+    # Resumed: the baselines are read back, not measured on a fresh initialisation.
+    monkeypatch.setattr(semisup.Diagnostics, 'baselines',
+                        lambda *args: pytest.fail('baselines measured again'))
+    config.num_train_steps = 6
+    train.train_and_evaluate(config, str(tmp_path))
+  second = read()
+  assert second['baselines'] == first['baselines']
+  assert second['history'][:2] == first['history']
+  assert [r['step'] for r in second['history']] == [2, 4, 6]
