@@ -6,6 +6,7 @@ noise). With `key=None` every Gaussian kernel returns its mean (deterministic); 
 are sampled as in the paper's x_hat_l ~ T(x | z_l) o T(z_l | x).
 """
 
+import functools
 from typing import Callable, Sequence
 
 import jax
@@ -29,6 +30,22 @@ def encode(model: models.HALI, variables, x, key: jax.Array | None = None) -> li
   gaussians = model.apply(variables, x, keys,
                           method=lambda m, x, keys: m.encoder(x, keys, train=False))
   return [g.z for g in gaussians]
+
+
+@functools.cache
+def _jitted_features(model: models.HALI) -> Callable:
+  # One program per model, compiled at first use (not at import) and kept: the training loop
+  # encodes at every evaluation.
+  return jax.jit(lambda variables, x: [z.reshape(z.shape[0], -1) for z in encode(model, variables, x)],
+                 compiler_options=models.compiler_options())
+
+
+def features(model: models.HALI, variables, images: np.ndarray,
+             batch_size: int = 500) -> list[np.ndarray]:
+  """[F_1, ..., F_L]: every level's deterministic code of `images` (each kernel's mean, clean x,
+  batch norm's running averages), flattened, F_l [N, D_l] numpy, `batch_size` images at a time."""
+  return map_in_batches(functools.partial(_jitted_features(model), variables), [images],
+                        batch_size)
 
 
 def decode_from(model: models.HALI, variables, z, level: int,

@@ -90,6 +90,21 @@ def get_default_config() -> ml_collections.ConfigDict:
   # set, so each step's cost is eq. 10's mean over D_sup exactly.
   c.semisup.batch_size = 100
   c.semisup.eval_batch_size = 500  # Test images per forward pass when counting test errors.
+  # At every evaluation the run also refits a logistic regression (weight decay probes.l2) on
+  # the labelled examples' codes of each level and counts its test errors (semisup.Diagnostics):
+  # TensorBoard semisup/..., DIR/test_errors.json, one console line.
+  # The baseline and the settings beyond the paper's eq. 9-10, each off by default:
+  # False: eq. 10 alone, the same encoder, classifier, input noise and labelled draws, but no
+  # discriminator and no adversarial term (the "labels alone" row beside HALI's).
+  c.semisup.adversarial = True
+  c.semisup.classifier_dropout = 0.0  # Dropout rate on the classifier's input, in training.
+  c.semisup.weight_decay = 0.0  # weight_decay / 2 * ||W||^2 of the classifier, added to L_g.
+  # Draw each step's labelled minibatch with replacement (batch_size may then exceed the
+  # labelled set); False: a random subset, without replacement.
+  c.semisup.with_replacement = False
+  # Weight of the mean entropy of q(y | x) on the unlabelled batch, added to L_g (entropy
+  # minimisation, Grandvalet & Bengio 2005; not in the paper).
+  c.semisup.entropy_weight = 0.0
 
   # --- VAE baseline (config.method = 'vae'; hali_jax/vae.py) ----------------------------------
   c.vae = ml_collections.ConfigDict()
@@ -211,6 +226,11 @@ FIELD_RULES = {
     'semisup.level': ((lambda v: _POSITIVE_INT[0](v) or v == -1), 'a level 1..L, or -1 (the top)'),
     'semisup.batch_size': _POSITIVE_INT,
     'semisup.eval_batch_size': _POSITIVE_INT,
+    'semisup.adversarial': _of_type(bool, 'True or False'),
+    'semisup.classifier_dropout': _number(float, 0, 1, high_open=True),
+    'semisup.weight_decay': _number(float, 0),
+    'semisup.with_replacement': _of_type(bool, 'True or False'),
+    'semisup.entropy_weight': _number(float, 0),
     'vae.x_std': _number(float, 0, low_open=True),
     'probes.enabled': _of_type(bool, 'True or False'),
     'probes.train_examples': _POSITIVE_INT,

@@ -1,8 +1,9 @@
 """What a config trains: its initial state and its update step, by `config.method`.
 
   'hali': Algorithm 1 (`step.train_step`); with `config.semisup.enabled`, semi-supervised HALI
-          (sec. 7.2): a classifier joins the generator side and its cost joins L_g.
-          ALI is 'hali' with model.num_levels = 1.
+          (sec. 7.2): a classifier joins the generator side and its cost joins L_g; with
+          `config.semisup.adversarial` off as well, its baseline, eq. 10 alone
+          (`semisup.supervised_step`). ALI is 'hali' with model.num_levels = 1.
   'vae':  the VAE baseline, the same kernels trained by the ELBO (`vae.py`).
 The training loop (`train.py`) and restoring for analysis (`checkpoint.py`) both build the state
 from here, so a checkpoint always restores into the state that wrote it.
@@ -13,6 +14,7 @@ from typing import Callable
 
 import ml_collections
 
+from hali_jax import default_config
 from hali_jax import models
 from hali_jax import semisup
 from hali_jax import step as step_lib
@@ -20,6 +22,10 @@ from hali_jax import vae
 from hali_jax.errors import UserError
 
 METHODS = ('hali', 'vae')
+# The semi-supervised settings beyond eq. 9-10 (default_config.py), meaningless without a
+# classifier.
+SEMISUP_OPTIONS = ('adversarial', 'classifier_dropout', 'weight_decay', 'with_replacement',
+                   'entropy_weight')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -30,6 +36,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise UserError(f'config.semisup.enabled needs config.method=hali (got '
                     f'{config.method!r}): set --config.semisup.enabled=False or '
                     '--config.method=hali.')
+  defaults = default_config.get_default_config().semisup
+  if not config.semisup.enabled:
+    for name in SEMISUP_OPTIONS:
+      if config.semisup[name] != defaults[name]:
+        raise UserError(f'config.semisup.{name}={config.semisup[name]!r} needs '
+                        '--config.semisup.enabled=True (a semi-supervised config, e.g. '
+                        'configs/mnist_semisup.py).')
+  if not config.semisup.adversarial and not config.semisup.weight:
+    raise UserError('config.semisup.adversarial=False trains on eq. 10 alone, which '
+                    'config.semisup.weight=0 turns off: set a positive weight.')
+
+
+def trains_discriminator(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run plays the adversarial game (not the VAE, not eq. 10 alone)."""
+  return config.method == 'hali' and config.semisup.adversarial
 
 
 def classifier(config: ml_collections.ConfigDict,
@@ -63,15 +84,21 @@ def create_state(config: ml_collections.ConfigDict, model: models.HALI, image_sh
   return state_initializer(config, model, image_shape, mesh)()
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh) -> Callable:
-  """step(state, global batch) -> (state, metrics), jitted over `mesh`."""
+def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh,
+                    labelled: dict | None = None) -> Callable:
+  """step(state, global batch) -> (state, metrics), jitted over `mesh`. `labelled`: a
+  semi-supervised run's semisup.load_labelled(config), if already read (else read here)."""
   tx_g, tx_d = step_lib.make_optimizers(config)
   if config.method == 'vae':
     return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std, config.quick_compile,
                                      config.optim.ema_decay)
   head = classifier(config, model)
   term = None if head is None else semisup.make_generator_term(
-      model, head, semisup.load_labelled(config), config.semisup.weight,
-      config.semisup.batch_size)
+      model, head, semisup.load_labelled(config) if labelled is None else labelled,
+      config.semisup)
+  if not trains_discriminator(config):
+    return step_lib.jit_step(functools.partial(
+        semisup.supervised_step, model=model, tx_g=tx_g, generator_term=term,
+        ema_decay=config.optim.ema_decay), mesh, config.quick_compile)
   return step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh, config.optim.update_order,
                                           term, config.quick_compile, config.optim.ema_decay)

@@ -72,10 +72,10 @@ def _fit_logistic(x, y, l2, *, num_classes: int, iterations: int):
   return params
 
 
-def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
-                      test_y: np.ndarray, num_classes: int, l2: float = 1e-3,
-                      iterations: int = 100) -> float:
-  """Test accuracy of a multinomial logistic regression fitted on (train_x, train_y).
+def logistic_predictions(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                         num_classes: int, l2: float = 1e-3, iterations: int = 100) -> np.ndarray:
+  """The classes [N_test] a multinomial logistic regression fitted on (train_x, train_y) gives
+  test_x.
 
   Features are standardised with the training examples' mean and std (features constant there
   stay 0), so one fixed `l2` suits pixels and every level alike; it is set a priori, never
@@ -86,7 +86,14 @@ def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
   standardise = lambda v: ((v - mean) * scale).astype(np.float32)
   w, b = _fit_logistic(standardise(train_x), np.asarray(train_y, np.int32), l2,
                        num_classes=num_classes, iterations=iterations)
-  predictions = np.argmax(standardise(test_x) @ np.asarray(w) + np.asarray(b), axis=1)
+  return np.argmax(standardise(test_x) @ np.asarray(w) + np.asarray(b), axis=1)
+
+
+def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
+                      test_y: np.ndarray, num_classes: int, l2: float = 1e-3,
+                      iterations: int = 100) -> float:
+  """Test accuracy of `logistic_predictions`."""
+  predictions = logistic_predictions(train_x, train_y, test_x, num_classes, l2, iterations)
   return float(np.mean(predictions == test_y))
 
 

@@ -14,12 +14,10 @@ experiments/attribute_preservation.py, experiments/sample_quality.py.
 
 from concurrent import futures
 import dataclasses
-import functools
 import os
 from typing import Mapping, Sequence
 import warnings
 
-import jax
 import numpy as np
 import scipy.linalg
 from sklearn import exceptions as sklearn_exceptions
@@ -78,12 +76,10 @@ def encoder_features(model: models.HALI, variables: dict, images: np.ndarray,
 
   Level l's features are the mean of q(z_l | z_{l-1}) (the mean of the level below as input,
   clean x at the bottom), flattened, with batch norm's running averages: deterministic, as sec.
-  7.1 uses the inference network. One jitted program over batches of `batch_size`.
+  7.1 uses the inference network. One jitted program over batches of `batch_size`
+  (`analysis.features`, which the training loop's semi-supervised diagnostics share).
   """
-  encode = jax.jit(lambda variables, x: [z.reshape(z.shape[0], -1)
-                                         for z in analysis.encode(model, variables, x)],
-                   compiler_options=models.compiler_options())
-  return analysis.map_in_batches(functools.partial(encode, variables), [images], batch_size)
+  return analysis.features(model, variables, images, batch_size)
 
 
 def pixels(images: np.ndarray) -> np.ndarray:

@@ -5,10 +5,18 @@ examples (eq. 10), times config.semisup.weight, joins the generator's cost throu
 `step.train_step`'s `generator_term` hook, so it trains the classifier and the encoder (never the
 discriminator). The adversarial objective keeps reading the whole training split, the labelled
 examples included; only the labels of the subset chosen by `labelled_subset` are ever read.
-Evaluation (Table 3): `test_errors`, the number of misclassified test images.
+Evaluation (Table 3): `test_errors`, the number of misclassified test images; at every
+evaluation of a run, `Diagnostics` sets beside it the test errors of a logistic regression
+refitted on the labelled examples' codes, per level, which tell a stale classifier from a
+degrading representation.
+
+Baseline and opt-in settings beyond eq. 9-10 (config.semisup; all off by default):
+  adversarial=False: eq. 10 alone (`supervised_step`), no discriminator, no adversarial term;
+  classifier_dropout, weight_decay: regularise the classifier; with_replacement: how each step
+  draws its labelled minibatch; entropy_weight: entropy minimisation of q(y | x) on the
+  unlabelled batch.
 """
 
-import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,8 +26,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from hali_jax import analysis
 from hali_jax import input_pipeline
 from hali_jax import models
+from hali_jax import probes
 from hali_jax import step
 from hali_jax.errors import UserError
 
@@ -76,12 +86,14 @@ class Classifier(nn.Module):
   """
   num_classes: int
   level: int  # l in 1..L.
+  dropout: float = 0.0  # On its input, in training only (config.semisup.classifier_dropout).
 
   @nn.compact
-  def __call__(self, zs: Sequence[jax.Array]) -> jax.Array:
+  def __call__(self, zs: Sequence[jax.Array], train: bool = False) -> jax.Array:
     """Class logits [B, num_classes] from the encoder's [z_1, ..., z_l], l >= level."""
     z = zs[self.level - 1]
-    return nn.Dense(self.num_classes)(z.reshape(z.shape[0], -1))
+    z = nn.Dropout(self.dropout, deterministic=not train)(z.reshape(z.shape[0], -1))
+    return nn.Dense(self.num_classes)(z)
 
 
 def create_classifier(config: ml_collections.ConfigDict, model: models.HALI) -> Classifier:
@@ -93,7 +105,7 @@ def create_classifier(config: ml_collections.ConfigDict, model: models.HALI) -> 
   if not 1 <= level <= num_levels:
     raise UserError(f'config.semisup.level={config.semisup.level} is not a level of this model: '
                     f'use 1..{num_levels} (model.num_levels), or -1 for the top level.')
-  return Classifier(_num_classes(config), level)
+  return Classifier(_num_classes(config), level, config.semisup.classifier_dropout)
 
 
 def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx_d,
@@ -109,90 +121,177 @@ def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx
 
 
 # --------------------------------------------------------------------------------------------
-# Supervised cost (eq. 10) and evaluation.
+# Supervised cost (eq. 10), and the step of eq. 10 alone.
 # --------------------------------------------------------------------------------------------
 
 
-def _encode(model: models.HALI, params, batch_stats, x, keys, *, train: bool, to_level: int):
-  """The encoder's [z_1, ..., z_to_level] (keys=None: the means).
-
-  train=True normalizes with x's own batch statistics, as the adversarial pass does, and drops the
-  running-average updates, which then stay those of the unlabelled stream.
-  """
-  variables = {'params': params['encoder'], 'batch_stats': batch_stats['encoder']}
+def _encode(model: models.HALI, params, batch_stats, x, noise_key, keys, *, to_level: int):
+  """(the encoder's sampled [z_1, ..., z_to_level] of x + sigma * eps, its new batch statistics),
+  as in the adversarial pass: batch norm normalizes with x's own statistics."""
+  x = x + model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
   encoder = models.Encoder(model.arch, model.slope)
-  if train:
-    levels, _ = encoder.apply(variables, x, keys, train=True, to_level=to_level,
-                              mutable=['batch_stats'])
-  else:
-    levels = encoder.apply(variables, x, keys, train=False, to_level=to_level)
-  return [g.z for g in levels]
+  levels, updates = encoder.apply(
+      {'params': params['encoder'], 'batch_stats': batch_stats['encoder']}, x, keys, train=True,
+      to_level=to_level, mutable=['batch_stats'])
+  return [g.z for g in levels], updates['batch_stats']
+
+
+def labelled_indices(key: jax.Array, num_labelled: int, batch_size: int,
+                     with_replacement: bool = False) -> jax.Array:
+  """The labelled examples of one step's minibatch: a function of the step's key alone."""
+  return jax.random.choice(key, num_labelled, (batch_size,), replace=with_replacement)
 
 
 def make_generator_term(model: models.HALI, classifier: Classifier, labelled: dict,
-                        weight: float, batch_size: int) -> step.GeneratorTerm:
-  """weight * eq. 10 on `batch_size` labelled examples a step, as `train_step`'s generator_term.
+                        settings: ml_collections.ConfigDict) -> step.GeneratorTerm:
+  """`train_step`'s generator_term: settings.weight * eq. 10 on settings.batch_size labelled
+  examples a step, plus the opt-in terms of `settings` (config.semisup).
 
   The labelled set (a few hundred images at most) is a constant of the compiled step: no change
-  to the input pipeline or the batch, and each step draws its minibatch, without replacement,
-  with the term's own key. z = enc(x + sigma * eps) samples each level up to the classifier's,
-  like the adversarial pass.
+  to the input pipeline or the batch, and each step draws its minibatch (`labelled_indices`) with
+  the term's own key. z = enc(x + sigma * eps) samples each level up to the classifier's, like
+  the adversarial pass; the batch-norm updates are dropped, so the running averages stay those
+  of the unlabelled stream.
   """
   images, labels = np.asarray(labelled['image']), np.asarray(labelled['label'])
-  if not 0 < batch_size <= len(labels):
+  batch_size = settings.batch_size
+  if batch_size > len(labels) and not settings.with_replacement:
     raise UserError(f'config.semisup.batch_size={batch_size} must be in 1..{len(labels)}, the '
-                    'number of labelled examples (labels_per_class * classes).')
+                    'number of labelled examples (labels_per_class * classes), or set '
+                    '--config.semisup.with_replacement=True.')
+
+  def logits(g_params, state, x, noise_key, encoder_key, dropout_key):
+    zs, _ = _encode(model, g_params, state.batch_stats, x, noise_key,
+                    jax.random.split(encoder_key, classifier.level), to_level=classifier.level)
+    return classifier.apply({'params': g_params[CLASSIFIER]}, zs, train=True,
+                            rngs={'dropout': dropout_key})
 
   def generator_term(g_params, state: step.TrainState, batch, key):
-    del batch  # The labelled examples come from the constants above.
-    choice_key, noise_key, encoder_key = jax.random.split(key, 3)
-    chosen = jax.random.choice(choice_key, len(labels), (batch_size,), replace=False)
-    x, y = jnp.asarray(images)[chosen], jnp.asarray(labels)[chosen]
-    x = x + model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
-    encoder_keys = jax.random.split(encoder_key, classifier.level)
-    zs = _encode(model, g_params, state.batch_stats, x, encoder_keys, train=True,
-                 to_level=classifier.level)
-    logits = classifier.apply({'params': g_params[CLASSIFIER]}, zs)
-    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
-    return weight * loss, dict(supervised_loss=loss, labelled_accuracy=accuracy)
+    # The first three keys are those of eq. 10's term before the opt-in terms existed (JAX's
+    # partitionable threefry: split(key, n)[:3] == split(key, 3)), so the default is unchanged.
+    choice_key, noise_key, encoder_key, dropout_key, unlabelled_key = jax.random.split(key, 5)
+    chosen = labelled_indices(choice_key, len(labels), batch_size, settings.with_replacement)
+    y = jnp.asarray(labels)[chosen]
+    labelled_logits = logits(g_params, state, jnp.asarray(images)[chosen], noise_key,
+                             encoder_key, dropout_key)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(labelled_logits, y))
+    cost = settings.weight * loss
+    metrics = dict(supervised_loss=loss,
+                   labelled_accuracy=jnp.mean(jnp.argmax(labelled_logits, -1) == y))
+    if settings.weight_decay:
+      kernel = g_params[CLASSIFIER]['Dense_0']['kernel']
+      cost += 0.5 * settings.weight_decay * jnp.sum(kernel * kernel)
+    if settings.entropy_weight:
+      # Confident predictions on the unlabelled batch: the decision boundary kept off the data.
+      p_logits = jax.nn.log_softmax(logits(g_params, state, batch['image'],
+                                           *jax.random.split(unlabelled_key, 3)))
+      entropy = -jnp.mean(jnp.sum(jnp.exp(p_logits) * p_logits, axis=-1))
+      cost += settings.entropy_weight * entropy
+      metrics['unlabelled_entropy'] = entropy
+    return cost, metrics
 
   return generator_term
 
 
-def classify(model: models.HALI, classifier: Classifier, variables: dict,
-             images: jax.Array) -> jax.Array:
-  """Predicted classes from the deterministic encoding: clean x, each level's mean, BN averages."""
-  params = variables['params']
-  zs = _encode(model, params, variables['batch_stats'], images, None, train=False,
-               to_level=classifier.level)
-  return jnp.argmax(classifier.apply({'params': params[CLASSIFIER]}, zs), -1)
+def supervised_step(state: step.TrainState, batch: dict, *, model: models.HALI, tx_g,
+                    generator_term: step.GeneratorTerm,
+                    ema_decay: float = 0.0) -> tuple[step.TrainState, dict]:
+  """The eq.-10-only baseline (config.semisup.adversarial=False): one Adam step of the encoder and
+  classifier on `generator_term` alone; no discriminator pass, D and the decoder stay as they are.
+
+  The same keys as `step.train_step`'s, so the labelled draws and their noise match a HALI run of
+  the same seed. The unlabelled batch still moves the encoder's batch-norm running averages,
+  through a pass on x + sigma * eps as the adversarial one, so that evaluation normalizes as it
+  would in HALI.
+  """
+  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
+  g_params, d_params = step.split_params(state.params)
+  (loss, metrics), grads = jax.value_and_grad(generator_term, has_aux=True)(
+      g_params, state, batch, keys['generator_term'])
+  updates, opt_state_g = tx_g.update(grads, state.opt_state_g, g_params)
+  _, encoder_stats = _encode(
+      model, g_params, state.batch_stats, batch['image'], keys['encoder_noise'],
+      [keys[f'encoder_{l}'] for l in range(1, model.arch.num_levels + 1)],
+      to_level=model.arch.num_levels)
+  metrics = dict(loss_g=loss, **metrics,
+                 **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads.items()})
+  new_state = state.replace(
+      params={**optax.apply_updates(g_params, updates), step.DISCRIMINATOR: d_params},
+      batch_stats={**state.batch_stats, 'encoder': encoder_stats}, opt_state_g=opt_state_g)
+  return step.guard(state, step.update_ema(new_state, ema_decay), metrics)
 
 
-def _count_errors(model, classifier, variables, images, labels, valid):
-  return jnp.sum((classify(model, classifier, variables, images) != labels) & valid)
+# --------------------------------------------------------------------------------------------
+# Evaluation: the classifier's test errors, and the refitted diagnostics.
+# --------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _jitted_count_errors():
-  # Jitted at first use: compiler_options() asks for the backend, which an import must not start.
-  return jax.jit(_count_errors, static_argnums=(0, 1), compiler_options=models.compiler_options())
+def _classifier_errors(classifier: Classifier, params, codes: Sequence[np.ndarray],
+                       labels: np.ndarray) -> int:
+  """Misclassified examples of the classifier with `params` on the deterministic `codes`."""
+  predictions = np.argmax(classifier.apply({'params': params[CLASSIFIER]}, codes), -1)
+  return int(np.sum(predictions != labels))
 
 
 def test_errors(model: models.HALI, classifier: Classifier, variables: dict, images: np.ndarray,
                 labels: np.ndarray, batch_size: int) -> int:
   """The number of misclassified `images` (Table 3's metric on the 10000 MNIST test images).
 
-  variables: {'params' (with 'classifier'), 'batch_stats'}, e.g. a TrainState's. The last batch is
-  padded to `batch_size`, so one compilation serves every batch.
+  variables: {'params' (with 'classifier'), 'batch_stats'}, e.g. a TrainState's. Deterministic:
+  clean x, each level's mean, batch norm's running averages (`analysis.features`).
   """
-  batch_size = min(batch_size, len(labels))
-  errors = 0
-  for start in range(0, len(labels), batch_size):
-    x, y = images[start:start + batch_size], labels[start:start + batch_size]
-    pad = batch_size - len(y)
-    valid = np.arange(batch_size) < len(y)
-    x = np.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    errors += _jitted_count_errors()(model, classifier, variables, x, np.pad(y, (0, pad)),
-                                     valid)
-  return int(errors)
+  return _classifier_errors(classifier, variables['params'],
+                            analysis.features(model, variables, images, batch_size), labels)
+
+
+class Diagnostics:
+  """A semi-supervised run's test errors at each evaluation (`__call__`), as a flat dict:
+    'test_errors': the jointly trained classifier's (`test_errors`);
+    'refit_errors/level_l': a multinomial logistic regression (probes.logistic_predictions,
+      on standardised features, weight decay `l2`) refitted on the labelled examples' codes of
+      level l; below the classifier's, the classifier lags behind its encoder; rising, the
+      representation itself is losing the classes.
+  `baselines` (once per run): the refit on the encoder at initialisation ('.../init_level_l')
+  and on raw pixels ('.../pixels'), a linear classifier on the labels alone.
+  """
+
+  def __init__(self, model: models.HALI, classifier: Classifier, labelled: dict, test: dict,
+               num_classes: int, l2: float, batch_size: int):
+    self._model, self._classifier = model, classifier
+    self._labelled, self._test = labelled, test
+    self._num_classes, self._l2, self._batch_size = num_classes, l2, batch_size
+
+  def _refit_errors(self, labelled_x, test_x) -> int:
+    predictions = probes.logistic_predictions(labelled_x, self._labelled['label'], test_x,
+                                              self._num_classes, self._l2)
+    return int(np.sum(predictions != self._test['label']))
+
+  def _refits(self, variables, prefix: str = '') -> tuple[list[np.ndarray], dict[str, int]]:
+    """(the test images' codes, every level's refit errors, named 'refit_errors/<prefix>level_l')
+    on numpy `variables`."""
+    labelled, test = (analysis.features(self._model, variables, images, self._batch_size)
+                      for images in (self._labelled['image'], self._test['image']))
+    return test, {f'refit_errors/{prefix}level_{l}': self._refit_errors(a, b)
+                  for l, (a, b) in enumerate(zip(labelled, test), start=1)}
+
+  def __call__(self, variables) -> dict[str, int]:
+    variables = jax.device_get(variables)
+    test, refits = self._refits(variables)
+    return {'test_errors': _classifier_errors(self._classifier, variables['params'], test,
+                                              self._test['label']), **refits}
+
+  def baselines(self, initial_variables) -> dict[str, int]:
+    _, refits = self._refits(jax.device_get(initial_variables), prefix='init_')
+    flat = lambda images: images.reshape(len(images), -1)
+    return {'refit_errors/pixels': self._refit_errors(flat(self._labelled['image']),
+                                                      flat(self._test['image'])), **refits}
+
+  def summary_line(self, at_step: int, results: dict, baselines: dict) -> str:
+    """One console line: the classifier's test errors, every level's refit beside its
+    baselines."""
+    levels = range(1, self._model.arch.num_levels + 1)
+    refits = ' '.join(f'z{l} {results[f"refit_errors/level_{l}"]}' for l in levels)
+    untrained = ' '.join(f'z{l} {baselines[f"refit_errors/init_level_{l}"]}' for l in levels)
+    return (f'step {at_step} semisup: test errors {results["test_errors"]} (classifier on '
+            f'z{self._classifier.level})  refit on the {len(self._labelled["label"])} labels: '
+            f'{refits} (untrained {untrained}, pixels {baselines["refit_errors/pixels"]})')

@@ -273,8 +273,13 @@ def make_sharded_train_step(model, tx_g, tx_d, mesh, update: str = 'simultaneous
                             generator_term: GeneratorTerm | None = None,
                             quick_compile: bool = False, ema_decay: float = 0.0) -> Callable:
   """`train_step` jitted over `mesh`: call it as step(state, batch) -> (state, metrics)."""
-  step = functools.partial(train_step, model=model, tx_g=tx_g, tx_d=tx_d, update=update,
-                           generator_term=generator_term, ema_decay=ema_decay)
+  return jit_step(functools.partial(train_step, model=model, tx_g=tx_g, tx_d=tx_d, update=update,
+                                    generator_term=generator_term, ema_decay=ema_decay),
+                  mesh, quick_compile)
+
+
+def jit_step(step: Callable, mesh, quick_compile: bool = False) -> Callable:
+  """Any method's step(state, batch) -> (state, metrics) jitted over `mesh`."""
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
                  compiler_options=models.compiler_options(mesh, quick=quick_compile))

@@ -266,24 +266,57 @@ def make_evaluate(model: models.HALI, mesh, num_samples: int,
                  compiler_options=models.compiler_options(mesh, quick=quick_compile))
 
 
-def make_test_errors(config: ml_collections.ConfigDict,
-                     model: models.HALI) -> Callable[[dict], int] | None:
-  """Semi-supervised runs: variables -> errors on the whole held-out split (Table 3's metric)."""
+def make_test_errors(config: ml_collections.ConfigDict, model: models.HALI,
+                     labelled: dict | None = None) -> semisup.Diagnostics | None:
+  """Semi-supervised runs, on process 0: variables -> the test errors on the whole held-out split
+  of the classifier (Table 3's metric) and of each level's refit (`semisup.Diagnostics`); else
+  None. `labelled`: semisup.load_labelled(config), if already read (else read here)."""
   head = methods.classifier(config, model)
-  if head is None:
+  if head is None or jax.process_index() != 0:
     return None
-  test = input_pipeline.load_split(config, config.input.eval_split)
-  return functools.partial(semisup.test_errors, model, head, images=test['image'],
-                           labels=test['label'], batch_size=config.semisup.eval_batch_size)
+  return semisup.Diagnostics(
+      model, head, semisup.load_labelled(config) if labelled is None else labelled,
+      input_pipeline.load_split(config, config.input.eval_split),
+      input_pipeline.num_classes(config), config.probes.l2, config.semisup.eval_batch_size)
 
 
-def write_test_errors(workdir: str, config: ml_collections.ConfigDict, step: int,
-                      errors: int) -> None:
-  """DIR/test_errors.json: the final count, for tables (process 0 only)."""
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'test_errors.json').write_text(json.dumps(dict(
-        step=step, test_errors=errors, split=config.input.eval_split, dataset=config.dataset,
-        labels_per_class=config.semisup.labels_per_class, seed=config.seed), indent=2))
+TEST_ERRORS_FILE = 'test_errors.json'
+
+
+def test_error_records(diagnostics: semisup.Diagnostics, workdir: str, start_step: int,
+                       initial: Callable[[], step_lib.TrainState]) -> tuple[dict, list[dict]]:
+  """(baselines, history) of a run's DIR/test_errors.json: a resumed run's (its evaluations after
+  `start_step`, from a stopped run, dropped), else none yet, the baselines measured now on
+  `initial()`, the state at step 0."""
+  path = epath.Path(workdir) / TEST_ERRORS_FILE
+  saved = json.loads(path.read_text()) if start_step and path.exists() else {}
+  history = [r for r in saved.get('history', []) if r['step'] <= start_step]
+  baselines = saved.get('baselines') or diagnostics.baselines(
+      step_lib.evaluation_variables(initial()))
+  return baselines, history
+
+
+def write_test_errors(workdir: str, config: ml_collections.ConfigDict, baselines: dict,
+                      history: list[dict]) -> None:
+  """DIR/test_errors.json, rewritten at every evaluation: for tables, the latest count of the
+  classifier's test errors and its step (the final ones once the run is done); the baselines and
+  every evaluation's results ('history')."""
+  (epath.Path(workdir) / TEST_ERRORS_FILE).write_text(json.dumps(dict(
+      step=history[-1]['step'], test_errors=history[-1]['test_errors'],
+      split=config.input.eval_split, dataset=config.dataset,
+      labels_per_class=config.semisup.labels_per_class, seed=config.seed,
+      adversarial=config.semisup.adversarial, baselines=baselines, history=history), indent=2))
+
+
+def write_diagnostics(writer: writers.MetricWriter, workdir: str, config, step: int,
+                      diagnostics: semisup.Diagnostics, baselines: dict, history: list[dict],
+                      variables) -> None:
+  results = diagnostics(variables)
+  history.append({'step': step, **results})
+  write_test_errors(workdir, config, baselines, history)
+  writer.write_scalars(step, {**{f'semisup/{k}': v for k, v in results.items()},
+                              **{f'semisup/baseline/{k}': v for k, v in baselines.items()}})
+  logging.info('%s', diagnostics.summary_line(step, results, baselines))
 
 
 def write_evaluation(writer: writers.MetricWriter, step: int, images, errors, reconstructions,
@@ -309,7 +342,7 @@ def make_prober(config: ml_collections.ConfigDict, model: models.HALI) -> probes
   if not config.probes.enabled or jax.process_index() != 0:
     return None
   return probes.Prober(config, model, probes.load_data(config),
-                       with_discriminator=config.method != 'vae')
+                       with_discriminator=methods.trains_discriminator(config))
 
 
 def probe_baselines(prober: probes.Prober, workdir: str, start_step: int,
@@ -363,12 +396,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     stack.callback(train_iter.close)
     eval_x = eval_images(config, mesh)
     prober = make_prober(config, model)
+    labelled = semisup.load_labelled(config) if config.semisup.enabled else None
+    diagnostics = make_test_errors(config, model, labelled)
     # Before anything writes to the workdir: one run at a time may.
     stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
     manager = stack.enter_context(checkpoint.create_manager(workdir,
                                                             config.checkpoint_max_to_keep))
     init = methods.state_initializer(config, model, image_shape, mesh)
-    train_step = methods.make_train_step(config, model, mesh)
+    train_step = methods.make_train_step(config, model, mesh, labelled)
     # The step compiles from the shapes of the state and of a batch, in a thread, while the state
     # is initialised (another compilation: on a CPU the two fill both cores, where either alone
     # leaves one idle for a while) or restored (reading files).
@@ -377,9 +412,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         lambda: train_step.lower(*lowering_args).compile())
     state, start_step = initial_state(init, manager, train_iter)
     checkpoint.save_config(workdir, config)
+    initial = (lambda: state) if start_step == 0 else init
     if prober:
-      baselines = probe_baselines(prober, workdir, start_step,
-                                  (lambda: state) if start_step == 0 else init)
+      baselines = probe_baselines(prober, workdir, start_step, initial)
+    if diagnostics:
+      semisup_baselines, test_error_history = test_error_records(diagnostics, workdir,
+                                                                 start_step, initial)
     writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   purge_step=start_step + 1 if start_step else None)
     stack.callback(writer.close)
@@ -388,7 +426,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
                  sum(x.size for x in jax.tree.leaves(state.params)), start_step + 1,
                  config.num_train_steps)
 
-    test_errors = make_test_errors(config, model)
     evaluate = make_evaluate(model, mesh, config.input.eval_batch_size, config.quick_compile)
     all_finite = make_finiteness_check(mesh, config.quick_compile)
     # Fixed prior draws: the sample grids of successive evaluations show the same z.
@@ -427,12 +464,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
         if prober:
           write_probes(writer, workdir, step, prober, baselines, variables,
                        model.arch.num_levels)
-        if test_errors:
-          errors = test_errors(variables)
-          writer.write_scalars(step, {'eval/test_errors': errors})
-          logging.info('step %d  test errors: %d', step, errors)
-          if last:
-            write_test_errors(workdir, config, step, errors)
+        if diagnostics:
+          write_diagnostics(writer, workdir, config, step, diagnostics, semisup_baselines,
+                            test_error_history, variables)
         writer.flush()
 
       stop = stop_requested(step)

@@ -117,6 +117,4 @@ def make_sharded_vae_step(model: models.HALI, tx_g, mesh, x_std: float,
   """`vae_train_step` jitted over `mesh`, as `step.make_sharded_train_step`: step(state, batch)."""
   vae_step = functools.partial(vae_train_step, model=model, tx_g=tx_g, x_std=x_std,
                                ema_decay=ema_decay)
-  return jax.jit(vae_step, in_shardings=(step.replicated(mesh), step.batch_sharding(mesh)),
-                 out_shardings=(step.replicated(mesh), step.replicated(mesh)), donate_argnums=0,
-                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
+  return step.jit_step(vae_step, mesh, quick_compile)

@@ -19,6 +19,16 @@ def test_logistic_regression_separates_a_separable_set():
   assert probes.logistic_accuracy(train_x, train_y, test_x, test_y, num_classes=4) == 1.0
 
 
+def test_logistic_predictions_on_a_separable_set():
+  # Class k around corner k of a square, every test point near its corner.
+  corners = np.array([[0, 0], [0, 5], [5, 0], [5, 5]], np.float32)
+  train_y = np.repeat(np.arange(4), 3)
+  train_x = corners[train_y] + np.random.default_rng(0).uniform(-1, 1, (12, 2))
+  test_x = corners[[3, 1, 2, 0]] + 0.5
+  np.testing.assert_array_equal(
+      probes.logistic_predictions(train_x, train_y, test_x, num_classes=4), [3, 1, 2, 0])
+
+
 def test_logistic_regression_on_features_without_information_predicts_the_common_class():
   # Constant features: the fitted model is its biases alone, the training labels' frequencies,
   # so it calls every test point class 0 (3 of 4 training labels): right on 1 of 3.

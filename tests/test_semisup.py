@@ -1,6 +1,7 @@
 """Semi-supervised HALI (hali_jax/semisup.py): labelled subset, supervised cost, test errors."""
 
 import functools
+import json
 import types
 
 import jax
@@ -11,11 +12,14 @@ import pytest
 from configs import mnist_semisup
 from hali_jax import default_config
 from hali_jax import input_pipeline
+from hali_jax import methods
 from hali_jax import models
 from hali_jax import semisup
 from hali_jax import step as step_lib
+from hali_jax import train
 from hali_jax.errors import UserError
 from tests.test_input_pipeline import mock_tfds
+from tests.test_train import read_events
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -70,8 +74,11 @@ def test_classifier_level_and_dataset_are_checked():
   config.semisup.level, config.dataset = 1, 'celeb_a'
   with pytest.raises(UserError, match='celeb_a has no class labels'):
     semisup.create_classifier(config, model)
+  config.semisup.batch_size = 21
   with pytest.raises(UserError, match='must be in 1..20'):
-    semisup.make_generator_term(model, semisup.Classifier(10, 1), blocks(2), 1.0, batch_size=21)
+    semisup.make_generator_term(model, semisup.Classifier(10, 1), blocks(2), config.semisup)
+  config.semisup.with_replacement = True  # Then any minibatch size.
+  semisup.make_generator_term(model, semisup.Classifier(10, 1), blocks(2), config.semisup)
 
 
 @pytest.fixture(scope='module')
@@ -85,7 +92,7 @@ def ali():
   state = step_lib.initialize(functools.partial(
       semisup.init_state, model, classifier, IMAGE_SHAPE, tx_g, tx_d, config.seed), mesh)
   term = semisup.make_generator_term(model, classifier, blocks(config.semisup.labels_per_class),
-                                     config.semisup.weight, config.semisup.batch_size)
+                                     config.semisup)
   train_step = step_lib.make_sharded_train_step(model, tx_g, tx_d, mesh,
                                                 config.optim.update_order, generator_term=term)
   return types.SimpleNamespace(config=config, mesh=mesh, model=model, classifier=classifier,
@@ -148,12 +155,206 @@ def test_ali_trains_with_the_supervised_cost(ali):
 
 
 def test_mnist_semisup_config_is_consistent():
-  for arg, num_levels in ((None, 2), ('tiny,ali', 1)):
+  for arg, num_levels, arch in ((None, 2, 'mlp'), ('tiny,ali', 1, 'mlp'), ('lean', 2, '28-lean')):
     config = mnist_semisup.get_config(arg)
-    assert config.semisup.enabled and config.dataset == 'mnist'
+    assert config.semisup.enabled and config.dataset == 'mnist' and config.model.arch == arch
     model = models.create_model(config.model, IMAGE_SHAPE)
     classifier = semisup.create_classifier(config, model)
     assert classifier.level == num_levels
     # Its labelled batch fits its labelled set.
     semisup.make_generator_term(model, classifier, blocks(config.semisup.labels_per_class),
-                                config.semisup.weight, config.semisup.batch_size)
+                                config.semisup)
+
+
+# --------------------------------------------------------------------------------------------
+# The diagnostics of each evaluation: the refit on the labelled examples.
+# --------------------------------------------------------------------------------------------
+
+
+def test_refit_counts_the_test_errors_of_a_logistic_regression_on_the_labelled_set(ali):
+  labelled = blocks(2)
+  # The ten blocks again, three of them labelled as another class: a logistic regression on the
+  # pixels of the 20 labelled blocks classifies the others right, so it errs on those 3.
+  test = blocks(1)
+  test['label'] = test['label'].copy()
+  test['label'][[0, 4, 7]] = [9, 9, 0]
+  diagnostics = semisup.Diagnostics(ali.model, ali.classifier, labelled, test, num_classes=10,
+                                    l2=1e-3, batch_size=8)
+  variables = step_lib.evaluation_variables(ali.state)
+  baselines = diagnostics.baselines(variables)
+  assert baselines['refit_errors/pixels'] == 3
+  assert set(baselines) == {'refit_errors/pixels', 'refit_errors/init_level_1'}
+  results = diagnostics(variables)
+  assert set(results) == {'test_errors', 'refit_errors/level_1'}
+  # The classifier's count is `test_errors`' on the same variables.
+  assert results['test_errors'] == semisup.test_errors(ali.model, ali.classifier, variables,
+                                                       test['image'], test['label'], 8)
+  assert all(isinstance(v, int) and 0 <= v <= 10 for v in results.values())
+  assert diagnostics.summary_line(5, results, baselines).startswith(
+      f'step 5 semisup: test errors {results["test_errors"]} (classifier on z1)  refit on the '
+      '20 labels: z1 ')
+
+
+# --------------------------------------------------------------------------------------------
+# The labelled minibatch, the default step and the opt-in settings.
+# --------------------------------------------------------------------------------------------
+
+
+def test_labelled_draws_are_a_function_of_the_key():
+  key = jax.random.PRNGKey(3)
+  draw = lambda key, **kw: np.asarray(semisup.labelled_indices(key, 20, 10, **kw))
+  np.testing.assert_array_equal(draw(key), draw(key))
+  assert len(set(draw(key))) == 10  # Without replacement by default.
+  assert not np.array_equal(draw(key), draw(jax.random.PRNGKey(4)))
+  many = np.asarray(semisup.labelled_indices(key, 20, 60, with_replacement=True))
+  assert many.shape == (60,) and len(set(many)) <= 20
+
+
+def test_the_opt_in_settings_are_off_by_default():
+  defaults = default_config.get_default_config().semisup
+  assert (defaults.adversarial, defaults.classifier_dropout, defaults.weight_decay,
+          defaults.with_replacement, defaults.entropy_weight) == (True, 0.0, 0.0, False, 0.0)
+  config = mnist_semisup.get_config()
+  assert all(config.semisup[name] == defaults[name] for name in methods.SEMISUP_OPTIONS)
+
+
+def test_the_default_term_is_weight_times_eq_10_with_its_former_keys(ali):
+  # eq. 10 written out as the term was before the opt-in settings: these keys, this minibatch.
+  key = jax.random.PRNGKey(7)
+  labelled = blocks(ali.config.semisup.labels_per_class)
+  choice_key, noise_key, encoder_key = jax.random.split(key, 3)
+  chosen = jax.random.choice(choice_key, 20, (ali.config.semisup.batch_size,), replace=False)
+  x = labelled['image'][np.asarray(chosen)]
+  x = x + ali.model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
+  params = ali.state.params
+  levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
+      {'params': params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']}, x,
+      jax.random.split(encoder_key, 1), train=True, to_level=1, mutable=['batch_stats'])
+  logits = ali.classifier.apply({'params': params['classifier']}, [levels[0].z])
+  expected = np.mean(cross_entropy(logits, labelled['label'][np.asarray(chosen)]))
+
+  cost, metrics = ali.term(params, ali.state, {}, key)
+  np.testing.assert_allclose(metrics['supervised_loss'], expected, rtol=1e-5)
+  assert float(cost) == ali.config.semisup.weight * float(metrics['supervised_loss'])
+  assert set(metrics) == {'supervised_loss', 'labelled_accuracy'}
+
+
+def cross_entropy(logits, labels):
+  return -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)), labels[:, None], 1)[:, 0]
+
+
+def term_with(ali, **settings):
+  config = tiny_config(num_levels=1)
+  config.semisup.update(settings)
+  return semisup.make_generator_term(ali.model, semisup.create_classifier(config, ali.model),
+                                     blocks(config.semisup.labels_per_class), config.semisup)
+
+
+def test_each_opt_in_term_adds_what_it_says(ali):
+  key = jax.random.PRNGKey(7)
+  params = ali.state.params
+  batch = {'image': blocks(1)['image'][:8]}
+  base, base_metrics = ali.term(params, ali.state, batch, key)
+
+  cost, _ = term_with(ali, weight_decay=0.1)(params, ali.state, batch, key)
+  kernel = params['classifier']['Dense_0']['kernel']
+  np.testing.assert_allclose(cost - base, 0.05 * np.sum(np.square(kernel)), rtol=1e-4)
+
+  cost, metrics = term_with(ali, entropy_weight=0.3)(params, ali.state, batch, key)
+  assert 0 < metrics['unlabelled_entropy'] <= np.log(10) + 1e-5
+  np.testing.assert_allclose(cost - base, 0.3 * metrics['unlabelled_entropy'], rtol=1e-4)
+  # The labelled part is the same draw with the same noise.
+  assert metrics['supervised_loss'] == base_metrics['supervised_loss']
+
+  _, metrics = term_with(ali, classifier_dropout=0.5)(params, ali.state, batch, key)
+  assert metrics['supervised_loss'] != base_metrics['supervised_loss']
+
+
+@pytest.mark.parametrize('changes, match', [
+    (dict(weight_decay=0.1), 'semisup.weight_decay=0.1 needs --config.semisup.enabled=True'),
+    (dict(adversarial=False), 'semisup.adversarial=False needs --config.semisup.enabled=True'),
+    (dict(enabled=True, adversarial=False, weight=0.0), 'set a positive weight'),
+])
+def test_settings_that_would_do_nothing_are_refused(changes, match):
+  config = default_config.get_default_config()
+  config.semisup.update(changes)
+  with pytest.raises(UserError, match=match):
+    methods.validate(config)
+
+
+def test_the_classifier_is_in_the_ema_that_evaluation_uses(ali):
+  tx_g, tx_d = step_lib.make_optimizers(ali.config)
+  train_step = step_lib.make_sharded_train_step(ali.model, tx_g, tx_d, ali.mesh,
+                                                generator_term=ali.term, ema_decay=0.9)
+  state = jax.tree.map(jnp.copy, ali.state)
+  batch = step_lib.put_batch({'image': blocks(1)['image'][:8]}, ali.mesh)
+  for _ in range(3):
+    state, _ = train_step(state, batch)
+  evaluated = step_lib.evaluation_variables(state)['params']['classifier']
+  current = state.params['classifier']
+  for e, a, c in zip(jax.tree.leaves(evaluated), jax.tree.leaves(state.ema['params']['classifier']),
+                     jax.tree.leaves(current)):
+    np.testing.assert_array_equal(e, a)
+    assert np.any(e != c)
+
+
+# --------------------------------------------------------------------------------------------
+# The baseline: eq. 10 alone.
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_eq_10_baseline_trains_no_discriminator_and_has_no_adversarial_term(ali):
+  tx_g, _ = step_lib.make_optimizers(ali.config)
+  supervised_step = step_lib.jit_step(functools.partial(
+      semisup.supervised_step, model=ali.model, tx_g=tx_g, generator_term=ali.term), ali.mesh)
+  state = jax.tree.map(jnp.copy, ali.state)
+  before = jax.device_get(ali.state)
+  batch = step_lib.put_batch({'image': blocks(1)['image'][:8]}, ali.mesh)
+  losses = []
+  for _ in range(20):
+    state, metrics = supervised_step(state, batch)
+    # The generator's cost is the supervised one alone.
+    assert float(metrics['loss_g']) == ali.config.semisup.weight * float(
+        metrics['supervised_loss'])
+    assert 'loss_d' not in metrics and metrics['skipped'] == 0
+    losses.append(float(metrics['supervised_loss']))
+  changed = lambda a, b: any(np.any(x != y) for x, y in zip(jax.tree.leaves(a),
+                                                            jax.tree.leaves(b)))
+  for name in ('discriminator', 'decoder'):
+    assert not changed(before.params[name], state.params[name]), name
+  assert not changed(before.opt_state_d, state.opt_state_d)
+  for name in ('encoder', 'classifier'):
+    assert changed(before.params[name], state.params[name]), name
+  # The unlabelled batch moves the encoder's running averages, as HALI's adversarial pass does.
+  assert changed(before.batch_stats['encoder'], state.batch_stats['encoder'])
+  assert not changed(before.batch_stats['decoder'], state.batch_stats['decoder'])
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+
+
+def test_a_run_logs_its_diagnostics_and_reads_its_baselines_back_on_resume(tmp_path,
+                                                                           monkeypatch):
+  # The eq.-10 baseline, so that the training program's dispatch to it is run too.
+  config = mnist_semisup.get_config('tiny')
+  config.semisup.update(labels_per_class=1, batch_size=4, adversarial=False)
+  config.probes.enabled = False
+  read = lambda: json.loads((tmp_path / 'test_errors.json').read_text())
+  with mock_tfds(num_examples=20):
+    train.train_and_evaluate(config, str(tmp_path))
+    first = read()
+    assert [r['step'] for r in first['history']] == [2, 4]
+    assert (first['step'], first['test_errors']) == (4, first['history'][-1]['test_errors'])
+    assert not first['adversarial'] and first['labels_per_class'] == 1
+    assert set(first['baselines']) == {'refit_errors/pixels', 'refit_errors/init_level_1',
+                                       'refit_errors/init_level_2'}
+    assert {'semisup/test_errors', 'semisup/refit_errors/level_1',
+            'semisup/refit_errors/level_2', 'semisup/baseline/refit_errors/pixels',
+            'semisup/baseline/refit_errors/init_level_2'} <= set(read_events(tmp_path))
+    # Resumed: the baselines are read back, not measured on a fresh initialisation.
+    monkeypatch.setattr(semisup.Diagnostics, 'baselines',
+                        lambda *args: pytest.fail('baselines measured again'))
+    config.num_train_steps = 6
+    train.train_and_evaluate(config, str(tmp_path))
+  second = read()
+  assert second['baselines'] == first['baselines']
+  assert second['history'][:2] == first['history']
+  assert [r['step'] for r in second['history']] == [2, 4, 6]
