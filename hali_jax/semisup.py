@@ -73,6 +73,26 @@ def load_labelled(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   return {'image': train['image'][indices], 'label': train['label'][indices]}
 
 
+HELD_OUT_EXAMPLES = 10_000  # The training split's last images, with semisup.test_split=train.
+
+
+def test_split_name(config: ml_collections.ConfigDict) -> str:
+  """The split the test errors are counted on, as tfds would name it."""
+  split = config.semisup.test_split or config.input.eval_split
+  if split == config.input.train_split:
+    return f'{split}[-{HELD_OUT_EXAMPLES}:]'
+  return split
+
+
+def load_test(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """The images whose errors are counted: config.semisup.test_split's (default the eval split),
+  or, for the training split itself, its last HELD_OUT_EXAMPLES (to choose settings on)."""
+  split = config.semisup.test_split or config.input.eval_split
+  if split == config.input.train_split:
+    return input_pipeline.load_split(config, split, limit=HELD_OUT_EXAMPLES, last=True)
+  return input_pipeline.load_split(config, split)
+
+
 # --------------------------------------------------------------------------------------------
 # Classifier and state.
 # --------------------------------------------------------------------------------------------

@@ -358,3 +358,17 @@ def test_a_run_logs_its_diagnostics_and_reads_its_baselines_back_on_resume(tmp_p
   assert second['baselines'] == first['baselines']
   assert second['history'][:2] == first['history']
   assert [r['step'] for r in second['history']] == [2, 4, 6]
+
+
+def test_held_out_training_images_for_choosing_settings(shared_tfds):
+  """semisup.test_split=train counts errors on the training split's last 10000 images, never the
+  test split's; by default the eval split's."""
+  config = mnist_semisup.get_config()
+  config.data_dir = str(shared_tfds)
+  assert semisup.test_split_name(config) == 'test'
+  config.semisup.test_split = 'train'
+  assert semisup.test_split_name(config) == 'train[-10000:]'
+  held_out = semisup.load_test(config)
+  assert len(held_out['label']) == 10_000
+  np.testing.assert_array_equal(held_out['label'][-500:], input_pipeline.load_split(
+      config, 'train', limit=500, last=True)['label'])
