@@ -20,15 +20,13 @@ One command, a pipeline of the project's own commands (each printed before it ru
   4. DIR/summary.md: every table, the training facts, the figures.
 """
 
-import json
 import os
-import subprocess
 import sys
-import time
 
 from absl import flags
 from absl import logging
 
+import budgeted_runs
 import common
 from hali_jax.errors import UserError
 
@@ -47,22 +45,11 @@ flags.DEFINE_float('classifier_epochs', 2.0, 'Passed to the table scripts.')
 flags.DEFINE_float('classifier_width', 0.25, 'Passed to the table scripts.')
 FLAGS = flags.FLAGS
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = {  # name -> (config options, extra overrides)
     'hali': ((), ()),
     'ali': (('ali',), ()),
     'vae': ((), ('--config.method=vae',)),
 }
-TIME_FILE = 'study_time.json'
-
-
-def run(command: list[str]) -> None:
-  """Runs one of the project's commands from the repository root; UserError if it fails."""
-  logging.info('$ %s', ' '.join(command))
-  result = subprocess.run([sys.executable] + command, cwd=REPO)
-  if result.returncode:
-    raise UserError(f'`python {" ".join(command)}` failed with status {result.returncode}; '
-                    'its messages are above.')
 
 
 def data_flags(prefix: str) -> list[str]:
@@ -71,36 +58,12 @@ def data_flags(prefix: str) -> list[str]:
 
 def train(name: str, workdir: str) -> dict:
   """Trains (or resumes) one model within what is left of its budget; returns its time record."""
-  time_path = os.path.join(workdir, TIME_FILE)
-  record = dict(seconds=0.0)
-  if os.path.exists(time_path):
-    with open(time_path) as f:
-      record = json.load(f)
-  left = FLAGS.minutes_per_model - record['seconds'] / 60
-  if left <= 0:
-    logging.info('%s: its %g minutes are spent; not training again.', name,
-                 FLAGS.minutes_per_model)
-    return record
   options, overrides = MODELS[name]
   options = ','.join(options + tuple(o for o in FLAGS.config_options.split(',') if o))
-  start = time.monotonic()
-  run(['-m', 'hali_jax.main', f'--config=configs/mnist.py{":" + options if options else ""}',
-       f'--workdir={workdir}', f'--config.seed={FLAGS.seed}',
-       f'--config.num_train_steps={FLAGS.max_steps_per_model}',
-       f'--config.stop_after_minutes={left}',
-       f'--config.checkpoint_every_steps={FLAGS.checkpoint_every_steps}',
-       f'--config.eval_every_steps={FLAGS.checkpoint_every_steps}',
-       '--config.checkpoint_max_to_keep=1000', *data_flags('--config.'), *overrides])
-  record['seconds'] += time.monotonic() - start
-  os.makedirs(workdir, exist_ok=True)
-  with open(time_path, 'w') as f:
-    json.dump(record, f)
-  return record
-
-
-def last_step(workdir: str) -> int:
-  steps = [int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()]
-  return max(steps)
+  return budgeted_runs.train(
+      name, workdir, f'configs/mnist.py{":" + options if options else ""}',
+      FLAGS.minutes_per_model, FLAGS.max_steps_per_model, FLAGS.checkpoint_every_steps,
+      [f'--config.seed={FLAGS.seed}', *data_flags('--config.'), *overrides])
 
 
 def section(title: str, path: str) -> str:
@@ -131,25 +94,25 @@ def main(argv):
     shared.append(f'--test_examples={FLAGS.test_examples}')
   svm_flags = [f'--svm_train_examples={FLAGS.svm_train_examples}'] if FLAGS.svm_train_examples \
       else []
-  run(['experiments/attribute_svms.py', *shared, *svm_flags])
-  run(['experiments/attribute_preservation.py', *shared])
-  run(['experiments/sample_quality.py', *shared])
-  run(['experiments/probe_curves.py', shared[0], f'--output_dir={tables}'])
+  budgeted_runs.run(['experiments/attribute_svms.py', *shared, *svm_flags])
+  budgeted_runs.run(['experiments/attribute_preservation.py', *shared])
+  budgeted_runs.run(['experiments/sample_quality.py', *shared])
+  budgeted_runs.run(['experiments/probe_curves.py', shared[0], f'--output_dir={tables}'])
 
   # 3. Each model's figures and reconstruction errors.
   for name, workdir in workdirs.items():
     single = [f'--workdir={workdir}', *data_flags('--')]
     num = [f'--num_examples={FLAGS.test_examples}'] if FLAGS.test_examples else []
-    run(['experiments/reconstruction_error.py', *single, *num])
-    run(['experiments/samples.py', *single, f'--seed={FLAGS.seed}'])
-    run(['experiments/reconstructions.py', *single])
+    budgeted_runs.run(['experiments/reconstruction_error.py', *single, *num])
+    budgeted_runs.run(['experiments/samples.py', *single, f'--seed={FLAGS.seed}'])
+    budgeted_runs.run(['experiments/reconstructions.py', *single])
 
   # 4. The summary.
   lines = ['# MNIST study: HALI (L = 2), ALI, VAE', '',
            f'Command: `python experiments/mnist_study.py {" ".join(sys.argv[1:])}`', '',
            '| model | steps | training wall time (min) | steps/s |', '|---|---|---|---|']
   for name, workdir in workdirs.items():
-    steps, seconds = last_step(workdir), times[name]['seconds']
+    steps, seconds = budgeted_runs.last_step(workdir), times[name]['seconds']
     lines.append(f'| {name} | {steps} | {seconds / 60:.1f} | {steps / seconds:.2f} |')
   lines.append('')
   lines.append(section('Linear SVMs on encoder features, balanced accuracy (%) (Table 2)',

@@ -355,3 +355,24 @@ def test_conv_gradients_times_both_input_gradients_and_both_compilations(tmp_pat
       'forward_gflops_cpu_compiler_options', 'forward_ms_cpu_compiler_options',
       'forward_ms_xla_defaults', 'gradients_ms_cpu_compiler_options', 'gradients_ms_xla_defaults']
   assert all(value > 0 for value in layer.values()), layer
+
+
+def test_semisup_study_end_to_end(tmp_path):
+  """The semi-supervised comparison on a tiny budget: each run trains in its own process (mock
+  data), and the summary gathers every run's errors, refits and baselines from test_errors.json."""
+  out = tmp_path / 'semisup'
+  result = subprocess.run(
+      [sys.executable, 'experiments/semisup_study.py', f'--output_dir={out}',
+       '--config_options=tiny', '--max_steps_per_model=2', '--eval_every_steps=1',
+       '--models=labels_only,hali', '--label_seeds=0,1',
+       '--overrides=--config.semisup.labels_per_class=1,--config.semisup.batch_size=4'],
+      cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-5000:]
+  summary = (out / 'summary.md').read_text()
+  for run in ('labels_only_seed0', 'hali_seed0', 'labels_only_seed1', 'hali_seed1'):
+    record = json.loads((out / run / 'test_errors.json').read_text())
+    assert [h['step'] for h in record['history']] == [1, 2]
+    assert f'| {run} | 2 |' in summary
+    assert f'- {run}: 1: {record["history"][0]["test_errors"]}, 2: ' in summary
+  assert json.loads((out / 'labels_only_seed0' / 'test_errors.json').read_text())[
+      'adversarial'] is False

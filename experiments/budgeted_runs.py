@@ -1,0 +1,57 @@
+"""What the study scripts share: the project's commands run one after another, each training run
+within a wall-clock budget that a second invocation resumes instead of spending again."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import logging
+
+from hali_jax.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIME_FILE = 'study_time.json'
+
+
+def run(command: list[str]) -> None:
+  """Runs one of the project's commands from the repository root; UserError if it fails."""
+  logging.info('$ %s', ' '.join(command))
+  result = subprocess.run([sys.executable] + command, cwd=REPO)
+  if result.returncode:
+    raise UserError(f'`python {" ".join(command)}` failed with status {result.returncode}; '
+                    'its messages are above.')
+
+
+def train(name: str, workdir: str, config: str, minutes: float, max_steps: int,
+          every_steps: int, overrides: list[str]) -> dict:
+  """Trains (or resumes) one model with `python -m hali_jax.main --config=CONFIG` within what is
+  left of its `minutes` (or up to `max_steps`), checkpointing and evaluating every `every_steps`;
+  returns its time record, kept in WORKDIR/study_time.json. A model whose budget is spent is not
+  trained again."""
+  time_path = os.path.join(workdir, TIME_FILE)
+  record = dict(seconds=0.0)
+  if os.path.exists(time_path):
+    with open(time_path) as f:
+      record = json.load(f)
+  left = minutes - record['seconds'] / 60
+  if left <= 0:
+    logging.info('%s: its %g minutes are spent; not training again.', name, minutes)
+    return record
+  start = time.monotonic()
+  run(['-m', 'hali_jax.main', f'--config={config}', f'--workdir={workdir}',
+       f'--config.num_train_steps={max_steps}', f'--config.stop_after_minutes={left}',
+       f'--config.checkpoint_every_steps={every_steps}',
+       f'--config.eval_every_steps={every_steps}', '--config.checkpoint_max_to_keep=1000',
+       *overrides])
+  record['seconds'] += time.monotonic() - start
+  os.makedirs(workdir, exist_ok=True)
+  with open(time_path, 'w') as f:
+    json.dump(record, f)
+  return record
+
+
+def last_step(workdir: str) -> int:
+  """The step of a run's latest checkpoint."""
+  return max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())

@@ -1,0 +1,115 @@
+"""Semi-supervised MNIST-100 (sec. 7.2, Table 3): HALI beside its baselines, same protocol.
+
+  python experiments/semisup_study.py --output_dir=DIR [--minutes_per_model=15]
+      [--data_dir=TFDS_DIR] [--label_seeds=0,1,2] [--models=hali,labels_only,ali,hali_z1]
+      [--overrides=--config.semisup.classifier_dropout=0.5,...]
+
+Trains, with `python -m hali_jax.main --config=configs/mnist_semisup.py` (each command printed
+before it runs), for --minutes_per_model of wall-clock time each (or --max_steps_per_model):
+  hali         semi-supervised HALI, eq. 9-10, the classifier on z_2;
+  labels_only  the same encoder and classifier on eq. 10 alone (semisup.adversarial=False);
+  ali          ALI (L = 1), semi-supervised;
+  hali_z1      HALI with the classifier on z_1;
+once per label seed (semisup.label_seed: which 100 training images are labelled), in
+DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's errors and those of
+a logistic regression refitted on the 100 labelled codes of each level (semisup.Diagnostics,
+DIR/<run>/test_errors.json). Run the command again to resume. Writes DIR/summary.md: per run
+the final, best and last-third errors, the refits, the baselines (the untrained encoder's and raw
+pixels' refits) and the errors at every evaluation.
+"""
+
+import json
+import os
+import sys
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+import budgeted_runs
+import common
+from hali_jax.errors import UserError
+
+flags.DEFINE_float('minutes_per_model', 15.0, 'Wall-clock training budget of each run.')
+flags.DEFINE_integer('max_steps_per_model', 100_000, 'Stop a run at this step if its time '
+                     'budget lasts longer.')
+flags.DEFINE_list('label_seeds', ['0'], 'semisup.label_seed of each repetition.')
+flags.DEFINE_list('models', ['labels_only', 'hali', 'ali', 'hali_z1'], 'The runs, in order.')
+flags.DEFINE_list('overrides', [], 'Config flags for every run, e.g. '
+                  '--config.semisup.classifier_dropout=0.5.')
+flags.DEFINE_string('config_options', '', "Options for configs/mnist_semisup.py, e.g. 'tiny' "
+                    '(a smoke test).')
+flags.DEFINE_integer('eval_every_steps', 500, 'Evaluation (and checkpoint) interval.')
+FLAGS = flags.FLAGS
+
+MODELS = {  # name -> (config options, overrides)
+    'hali': ((), ()),
+    'labels_only': ((), ('--config.semisup.adversarial=False',)),
+    'ali': (('ali',), ()),
+    'hali_z1': ((), ('--config.semisup.level=1',)),
+}
+
+
+def train(model: str, label_seed: str, workdir: str) -> dict:
+  options, overrides = MODELS[model]
+  options = ','.join(options + tuple(o for o in FLAGS.config_options.split(',') if o))
+  data = [f'--config.data_dir={FLAGS.data_dir}'] if FLAGS.data_dir else []
+  return budgeted_runs.train(
+      f'{model} (label seed {label_seed})', workdir,
+      f'configs/mnist_semisup.py{":" + options if options else ""}', FLAGS.minutes_per_model,
+      FLAGS.max_steps_per_model, FLAGS.eval_every_steps,
+      [f'--config.seed={FLAGS.seed}', f'--config.semisup.label_seed={label_seed}', *data,
+       *overrides, *FLAGS.overrides])
+
+
+def summarise(name: str, record: dict, minutes: float) -> tuple[str, str]:
+  """(a row of the summary table, the run's errors at every evaluation) from test_errors.json."""
+  history = record['history']
+  errors = np.array([h['test_errors'] for h in history])
+  last_third = errors[len(errors) - max(1, len(errors) // 3):]
+  levels = sorted(k.split('_')[-1] for k in history[-1] if k.startswith('refit_errors/level_'))
+  refits = ' / '.join(str(history[-1][f'refit_errors/level_{l}']) for l in levels)
+  untrained = ' / '.join(str(record['baselines'][f'refit_errors/init_level_{l}'])
+                         for l in levels)
+  row = (f'| {name} | {history[-1]["step"]} | {minutes:.1f} | {errors[-1]} | {errors.min()} '
+         f'(step {history[int(errors.argmin())]["step"]}) | {last_third.min()} | {refits} | '
+         f'{untrained} | {record["baselines"]["refit_errors/pixels"]} |')
+  curve = ', '.join(f'{h["step"]}: {h["test_errors"]}' for h in history)
+  return row, f'- {name}: {curve}'
+
+
+def main(argv):
+  del argv
+  if not FLAGS.output_dir:
+    raise UserError('--output_dir=DIR is required: the study writes its runs and summary there.')
+  if FLAGS.minutes_per_model <= 0:
+    raise UserError(f'--minutes_per_model={FLAGS.minutes_per_model} must be positive.')
+  unknown = set(FLAGS.models) - set(MODELS)
+  if unknown:
+    raise UserError(f'--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}.')
+  out = os.path.abspath(FLAGS.output_dir)
+  runs = {f'{m}_seed{s}': (m, s) for s in FLAGS.label_seeds for m in FLAGS.models}
+  times = {name: train(m, s, os.path.join(out, name)) for name, (m, s) in runs.items()}
+
+  rows, curves = [], []
+  for name in runs:
+    with open(os.path.join(out, name, 'test_errors.json')) as f:
+      record = json.load(f)
+    row, curve = summarise(name, record, times[name]['seconds'] / 60)
+    rows.append(row)
+    curves.append(curve)
+  split = record['split']
+  lines = [f'# Semi-supervised MNIST, {record["labels_per_class"]} labels per class: errors on '
+           f'{split}', '', f'Command: `python experiments/semisup_study.py {" ".join(sys.argv[1:])}`',
+           '', '| run | steps | minutes | classifier errors, last | best (step) | best of the '
+           'last third | refit on the labels, last (z_1 / z_2) | refit, untrained encoder | '
+           'refit, raw pixels |', '|---|---|---|---|---|---|---|---|---|', *rows, '',
+           'The classifier\'s errors at every evaluation:', '', *curves, '']
+  with open(os.path.join(out, 'summary.md'), 'w') as f:
+    f.write('\n'.join(lines))
+  logging.info('Wrote %s', os.path.join(out, 'summary.md'))
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  common.run(main)
