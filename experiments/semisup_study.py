@@ -24,7 +24,6 @@ import sys
 
 from absl import flags
 from absl import logging
-import numpy as np
 
 import budgeted_runs
 import common
@@ -40,6 +39,8 @@ flags.DEFINE_list('overrides', [], 'Config flags for every run, e.g. '
 flags.DEFINE_string('config_options', '', "Options for configs/mnist_semisup.py, e.g. 'tiny' "
                     '(a smoke test).')
 flags.DEFINE_integer('eval_every_steps', 500, 'Evaluation (and checkpoint) interval.')
+flags.DEFINE_integer('held_out_examples', 10_000, 'semisup.held_out_examples: the last training '
+                     'images, on which errors are counted too, to choose settings by.')
 FLAGS = flags.FLAGS
 
 MODELS = {  # name -> (config options, overrides)
@@ -58,23 +59,35 @@ def train(model: str, label_seed: str, workdir: str) -> dict:
       f'{model} (label seed {label_seed})', workdir,
       f'configs/mnist_semisup.py{":" + options if options else ""}', FLAGS.minutes_per_model,
       FLAGS.max_steps_per_model, FLAGS.eval_every_steps,
-      [f'--config.seed={FLAGS.seed}', f'--config.semisup.label_seed={label_seed}', *data,
+      [f'--config.seed={FLAGS.seed}', f'--config.semisup.label_seed={label_seed}',
+       f'--config.semisup.held_out_examples={FLAGS.held_out_examples}', *data,
        *overrides, *FLAGS.overrides])
+
+
+def last_and_best(history: list[dict], key: str) -> str:
+  """'last / best (step of the best)' of `key` across the evaluations; '-' if never counted."""
+  if key not in history[-1]:
+    return '-'
+  best = min(history, key=lambda h: h[key])
+  return f'{history[-1][key]} / {best[key]} (step {best["step"]})'
 
 
 def summarise(name: str, record: dict, minutes: float) -> tuple[str, str]:
   """(a row of the summary table, the run's errors at every evaluation) from test_errors.json."""
   history = record['history']
-  errors = np.array([h['test_errors'] for h in history])
+  errors = [h['test_errors'] for h in history]
   last_third = errors[len(errors) - max(1, len(errors) // 3):]
   levels = sorted(k.split('_')[-1] for k in history[-1] if k.startswith('refit_errors/level_'))
   refits = ' / '.join(str(history[-1][f'refit_errors/level_{l}']) for l in levels)
   untrained = ' / '.join(str(record['baselines'][f'refit_errors/init_level_{l}'])
                          for l in levels)
-  row = (f'| {name} | {history[-1]["step"]} | {minutes:.1f} | {errors[-1]} | {errors.min()} '
-         f'(step {history[int(errors.argmin())]["step"]}) | {last_third.min()} | {refits} | '
+  row = (f'| {name} | {history[-1]["step"]} | {minutes:.1f} | '
+         f'{last_and_best(history, "held_out/test_errors")} | '
+         f'{last_and_best(history, "test_errors")} | {min(last_third)} | {refits} | '
          f'{untrained} | {record["baselines"]["refit_errors/pixels"]} |')
-  curve = ', '.join(f'{h["step"]}: {h["test_errors"]}' for h in history)
+  curve = ', '.join(f'{h["step"]}: {h["test_errors"]}'
+                    + (f' ({h["held_out/test_errors"]})' if 'held_out/test_errors' in h else '')
+                    for h in history)
   return row, f'- {name}: {curve}'
 
 
@@ -101,10 +114,12 @@ def main(argv):
   split = record['split']
   lines = [f'# Semi-supervised MNIST, {record["labels_per_class"]} labels per class: errors on '
            f'{split}', '', f'Command: `python experiments/semisup_study.py {" ".join(sys.argv[1:])}`',
-           '', '| run | steps | minutes | classifier errors, last | best (step) | best of the '
-           'last third | refit on the labels, last (z_1 / z_2) | refit, untrained encoder | '
-           'refit, raw pixels |', '|---|---|---|---|---|---|---|---|---|', *rows, '',
-           'The classifier\'s errors at every evaluation:', '', *curves, '']
+           '', f'| run | steps | minutes | held-out training images ({FLAGS.held_out_examples}): '
+           'classifier errors, last / best (step) | classifier errors, last / best (step) | best '
+           'of the last third | refit on the labels, last (z_1 / z_2) | refit, untrained encoder '
+           '| refit, raw pixels |', '|---|---|---|---|---|---|---|---|---|', *rows, '',
+           'The classifier\'s errors at every evaluation (on the held-out training images):', '',
+           *curves, '']
   with open(os.path.join(out, 'summary.md'), 'w') as f:
     f.write('\n'.join(lines))
   logging.info('Wrote %s', os.path.join(out, 'summary.md'))

@@ -90,10 +90,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # set, so each step's cost is eq. 10's mean over D_sup exactly.
   c.semisup.batch_size = 100
   c.semisup.eval_batch_size = 500  # Test images per forward pass when counting test errors.
-  # The split scored; None: config.input.eval_split. The training split itself means its last
-  # 10000 images (held-out training data, to choose settings without the test split; about 17
-  # of the 100 labelled examples fall among them).
-  c.semisup.test_split = ml_collections.config_dict.placeholder(str)
+  # Also count errors on the training split's last N images (held-out training data, to choose
+  # settings without the test split; 10000 hold about 17 of the 100 labelled examples): results
+  # 'held_out/...'. 0: the eval split's alone.
+  c.semisup.held_out_examples = 0
   # At every evaluation the run also refits a logistic regression (weight decay probes.l2) on
   # the labelled examples' codes of each level and counts its test errors (semisup.Diagnostics):
   # TensorBoard semisup/..., DIR/test_errors.json, one console line.
@@ -230,7 +230,7 @@ FIELD_RULES = {
     'semisup.level': ((lambda v: _POSITIVE_INT[0](v) or v == -1), 'a level 1..L, or -1 (the top)'),
     'semisup.batch_size': _POSITIVE_INT,
     'semisup.eval_batch_size': _POSITIVE_INT,
-    'semisup.test_split': ((lambda v: v is None or isinstance(v, str)), 'a split name, or None'),
+    'semisup.held_out_examples': _number(int, 0),
     'semisup.adversarial': _of_type(bool, 'True or False'),
     'semisup.classifier_dropout': _number(float, 0, 1, high_open=True),
     'semisup.weight_decay': _number(float, 0),

@@ -73,24 +73,18 @@ def load_labelled(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   return {'image': train['image'][indices], 'label': train['label'][indices]}
 
 
-HELD_OUT_EXAMPLES = 10_000  # The training split's last images, with semisup.test_split=train.
+HELD_OUT = 'held_out/'  # The prefix of the results on held-out training images.
 
 
-def test_split_name(config: ml_collections.ConfigDict) -> str:
-  """The split the test errors are counted on, as tfds would name it."""
-  split = config.semisup.test_split or config.input.eval_split
-  if split == config.input.train_split:
-    return f'{split}[-{HELD_OUT_EXAMPLES}:]'
-  return split
-
-
-def load_test(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """The images whose errors are counted: config.semisup.test_split's (default the eval split),
-  or, for the training split itself, its last HELD_OUT_EXAMPLES (to choose settings on)."""
-  split = config.semisup.test_split or config.input.eval_split
-  if split == config.input.train_split:
-    return input_pipeline.load_split(config, split, limit=HELD_OUT_EXAMPLES, last=True)
-  return input_pipeline.load_split(config, split)
+def load_tests(config: ml_collections.ConfigDict) -> dict[str, dict[str, np.ndarray]]:
+  """The images whose errors are counted, by the prefix of their results: '' the eval split;
+  with config.semisup.held_out_examples, HELD_OUT the training split's last ones too (held-out
+  training data, to choose settings on without the test split)."""
+  tests = {'': input_pipeline.load_split(config, config.input.eval_split)}
+  if config.semisup.held_out_examples:
+    tests[HELD_OUT] = input_pipeline.load_split(
+        config, config.input.train_split, limit=config.semisup.held_out_examples, last=True)
+  return tests
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,40 +265,52 @@ class Diagnostics:
       on standardised features, weight decay `l2`) refitted on the labelled examples' codes of
       level l; below the classifier's, the classifier lags behind its encoder; rising, the
       representation itself is losing the classes.
-  `baselines` (once per run): the refit on the encoder at initialisation ('.../init_level_l')
-  and on raw pixels ('.../pixels'), a linear classifier on the labels alone.
+  `tests` maps a prefix of these names to its images (`load_tests`: '' the eval split, HELD_OUT
+  held-out training images). `baselines` (once per run, on the eval split): the refit on the
+  encoder at initialisation ('.../init_level_l') and on raw pixels ('.../pixels'), a linear
+  classifier on the labels alone.
   """
 
-  def __init__(self, model: models.HALI, classifier: Classifier, labelled: dict, test: dict,
-               num_classes: int, l2: float, batch_size: int):
+  def __init__(self, model: models.HALI, classifier: Classifier, labelled: dict,
+               tests: dict[str, dict], num_classes: int, l2: float, batch_size: int):
     self._model, self._classifier = model, classifier
-    self._labelled, self._test = labelled, test
+    self._labelled, self._tests = labelled, tests
     self._num_classes, self._l2, self._batch_size = num_classes, l2, batch_size
 
-  def _refit_errors(self, labelled_x, test_x) -> int:
+  def _codes(self, variables, images) -> list[np.ndarray]:
+    return analysis.features(self._model, variables, images, self._batch_size)
+
+  def _refit_errors(self, labelled_x, test_x, test_labels) -> int:
     predictions = probes.logistic_predictions(labelled_x, self._labelled['label'], test_x,
                                               self._num_classes, self._l2)
-    return int(np.sum(predictions != self._test['label']))
+    return int(np.sum(predictions != test_labels))
 
-  def _refits(self, variables, prefix: str = '') -> tuple[list[np.ndarray], dict[str, int]]:
-    """(the test images' codes, every level's refit errors, named 'refit_errors/<prefix>level_l')
-    on numpy `variables`."""
-    labelled, test = (analysis.features(self._model, variables, images, self._batch_size)
-                      for images in (self._labelled['image'], self._test['image']))
-    return test, {f'refit_errors/{prefix}level_{l}': self._refit_errors(a, b)
-                  for l, (a, b) in enumerate(zip(labelled, test), start=1)}
+  def _results(self, variables, prefix: str, test: dict, labelled_codes,
+               classifier: bool = True, level: str = 'level') -> dict[str, int]:
+    """`test`'s errors, of the classifier (if `classifier`) and every level's refit, named
+    '<prefix>test_errors' and '<prefix>refit_errors/<level>_l'."""
+    codes = self._codes(variables, test['image'])
+    results = {f'{prefix}refit_errors/{level}_{l}': self._refit_errors(a, b, test['label'])
+               for l, (a, b) in enumerate(zip(labelled_codes, codes), start=1)}
+    if classifier:
+      results[f'{prefix}test_errors'] = _classifier_errors(
+          self._classifier, variables['params'], codes, test['label'])
+    return results
 
   def __call__(self, variables) -> dict[str, int]:
     variables = jax.device_get(variables)
-    test, refits = self._refits(variables)
-    return {'test_errors': _classifier_errors(self._classifier, variables['params'], test,
-                                              self._test['label']), **refits}
+    labelled = self._codes(variables, self._labelled['image'])
+    return {k: v for prefix, test in self._tests.items()
+            for k, v in self._results(variables, prefix, test, labelled).items()}
 
   def baselines(self, initial_variables) -> dict[str, int]:
-    _, refits = self._refits(jax.device_get(initial_variables), prefix='init_')
+    variables = jax.device_get(initial_variables)
+    test = self._tests['']
+    refits = self._results(variables, '', test, self._codes(variables, self._labelled['image']),
+                           classifier=False, level='init_level')
     flat = lambda images: images.reshape(len(images), -1)
-    return {'refit_errors/pixels': self._refit_errors(flat(self._labelled['image']),
-                                                      flat(self._test['image'])), **refits}
+    return {'refit_errors/pixels': self._refit_errors(
+        flat(self._labelled['image']), flat(test['image']), test['label']), **refits}
 
   def summary_line(self, at_step: int, results: dict, baselines: dict) -> str:
     """One console line: the classifier's test errors, every level's refit beside its
@@ -312,6 +318,11 @@ class Diagnostics:
     levels = range(1, self._model.arch.num_levels + 1)
     refits = ' '.join(f'z{l} {results[f"refit_errors/level_{l}"]}' for l in levels)
     untrained = ' '.join(f'z{l} {baselines[f"refit_errors/init_level_{l}"]}' for l in levels)
-    return (f'step {at_step} semisup: test errors {results["test_errors"]} (classifier on '
+    line = (f'step {at_step} semisup: test errors {results["test_errors"]} (classifier on '
             f'z{self._classifier.level})  refit on the {len(self._labelled["label"])} labels: '
             f'{refits} (untrained {untrained}, pixels {baselines["refit_errors/pixels"]})')
+    if HELD_OUT in self._tests:
+      held_out = ' '.join(f'z{l} {results[f"{HELD_OUT}refit_errors/level_{l}"]}' for l in levels)
+      line += (f'  held-out training images: classifier {results[f"{HELD_OUT}test_errors"]}, '
+               f'refit {held_out}')
+    return line

@@ -276,7 +276,7 @@ def make_test_errors(config: ml_collections.ConfigDict, model: models.HALI,
     return None
   return semisup.Diagnostics(
       model, head, semisup.load_labelled(config) if labelled is None else labelled,
-      semisup.load_test(config), input_pipeline.num_classes(config), config.probes.l2,
+      semisup.load_tests(config), input_pipeline.num_classes(config), config.probes.l2,
       config.semisup.eval_batch_size)
 
 
@@ -303,7 +303,8 @@ def write_test_errors(workdir: str, config: ml_collections.ConfigDict, baselines
   every evaluation's results ('history')."""
   (epath.Path(workdir) / TEST_ERRORS_FILE).write_text(json.dumps(dict(
       step=history[-1]['step'], test_errors=history[-1]['test_errors'],
-      split=semisup.test_split_name(config), dataset=config.dataset,
+      split=config.input.eval_split, held_out_examples=config.semisup.held_out_examples,
+      dataset=config.dataset,
       labels_per_class=config.semisup.labels_per_class, seed=config.seed,
       adversarial=config.semisup.adversarial, baselines=baselines, history=history), indent=2))
 

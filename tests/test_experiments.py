@@ -364,7 +364,7 @@ def test_semisup_study_end_to_end(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/semisup_study.py', f'--output_dir={out}',
        '--config_options=tiny', '--max_steps_per_model=2', '--eval_every_steps=1',
-       '--models=labels_only,hali', '--label_seeds=0,1',
+       '--models=labels_only,hali', '--label_seeds=0,1', '--held_out_examples=5',
        '--overrides=--config.semisup.labels_per_class=1,--config.semisup.batch_size=4'],
       cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-5000:]
@@ -373,6 +373,7 @@ def test_semisup_study_end_to_end(tmp_path):
     record = json.loads((out / run / 'test_errors.json').read_text())
     assert [h['step'] for h in record['history']] == [1, 2]
     assert f'| {run} | 2 |' in summary
-    assert f'- {run}: 1: {record["history"][0]["test_errors"]}, 2: ' in summary
+    first = record['history'][0]
+    assert f'- {run}: 1: {first["test_errors"]} ({first["held_out/test_errors"]}), 2: ' in summary
   assert json.loads((out / 'labels_only_seed0' / 'test_errors.json').read_text())[
       'adversarial'] is False

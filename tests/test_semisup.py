@@ -178,8 +178,8 @@ def test_refit_counts_the_test_errors_of_a_logistic_regression_on_the_labelled_s
   test = blocks(1)
   test['label'] = test['label'].copy()
   test['label'][[0, 4, 7]] = [9, 9, 0]
-  diagnostics = semisup.Diagnostics(ali.model, ali.classifier, labelled, test, num_classes=10,
-                                    l2=1e-3, batch_size=8)
+  diagnostics = semisup.Diagnostics(ali.model, ali.classifier, labelled, {'': test},
+                                    num_classes=10, l2=1e-3, batch_size=8)
   variables = step_lib.evaluation_variables(ali.state)
   baselines = diagnostics.baselines(variables)
   assert baselines['refit_errors/pixels'] == 3
@@ -193,6 +193,11 @@ def test_refit_counts_the_test_errors_of_a_logistic_regression_on_the_labelled_s
   assert diagnostics.summary_line(5, results, baselines).startswith(
       f'step 5 semisup: test errors {results["test_errors"]} (classifier on z1)  refit on the '
       '20 labels: z1 ')
+  # Held-out images beside the eval split: the same counts under their prefix.
+  both = semisup.Diagnostics(ali.model, ali.classifier, labelled,
+                             {'': test, semisup.HELD_OUT: test}, num_classes=10, l2=1e-3,
+                             batch_size=8)(variables)
+  assert both == {**results, **{semisup.HELD_OUT + k: v for k, v in results.items()}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,14 +366,13 @@ def test_a_run_logs_its_diagnostics_and_reads_its_baselines_back_on_resume(tmp_p
 
 
 def test_held_out_training_images_for_choosing_settings(shared_tfds):
-  """semisup.test_split=train counts errors on the training split's last 10000 images, never the
-  test split's; by default the eval split's."""
+  """semisup.held_out_examples: the diagnostics also count errors on the training split's last
+  images, under 'held_out/'; by default on the eval split alone."""
   config = mnist_semisup.get_config()
   config.data_dir = str(shared_tfds)
-  assert semisup.test_split_name(config) == 'test'
-  config.semisup.test_split = 'train'
-  assert semisup.test_split_name(config) == 'train[-10000:]'
-  held_out = semisup.load_test(config)
-  assert len(held_out['label']) == 10_000
-  np.testing.assert_array_equal(held_out['label'][-500:], input_pipeline.load_split(
+  assert list(semisup.load_tests(config)) == ['']
+  config.semisup.held_out_examples = 500
+  tests = semisup.load_tests(config)
+  assert list(tests) == ['', semisup.HELD_OUT] and len(tests['']['label']) == 10_000
+  np.testing.assert_array_equal(tests[semisup.HELD_OUT]['label'], input_pipeline.load_split(
       config, 'train', limit=500, last=True)['label'])
