@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hali_jax import models
+from hali_jax import ops
 
 
 def _split(key: jax.Array | None, n: int) -> list:
@@ -51,7 +52,7 @@ def reconstruct(model: models.HALI, variables, x, level: int,
 def sample(model: models.HALI, variables, key: jax.Array, n: int) -> jax.Array:
   """n images from the decoder: z_L ~ N(0, I), then each kernel sampled down to x."""
   prior_key, levels_key = jax.random.split(key)
-  z_top = models.standard_normal(prior_key, (n,) + model.arch.latent_shapes[-1])
+  z_top = ops.standard_normal(prior_key, (n,) + model.arch.latent_shapes[-1])
   return decode_from(model, variables, z_top, model.arch.num_levels, levels_key)
 
 

@@ -31,6 +31,7 @@ from sklearn import svm
 
 from hali_jax import analysis
 from hali_jax import models
+from hali_jax import ops
 from hali_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def encoder_features(model: models.HALI, variables: dict, images: np.ndarray,
   """
   encode = jax.jit(lambda variables, x: [z.reshape(z.shape[0], -1)
                                          for z in analysis.encode(model, variables, x)],
-                   compiler_options=models.compiler_options())
+                   compiler_options=ops.compiler_options())
   return analysis.map_in_batches(functools.partial(encode, variables), [images], batch_size)
 
 

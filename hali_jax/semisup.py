@@ -20,6 +20,7 @@ import optax
 
 from hali_jax import input_pipeline
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import step
 from hali_jax.errors import UserError
 
@@ -148,7 +149,7 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
     choice_key, noise_key, encoder_key = jax.random.split(key, 3)
     chosen = jax.random.choice(choice_key, len(labels), (batch_size,), replace=False)
     x, y = jnp.asarray(images)[chosen], jnp.asarray(labels)[chosen]
-    x = x + model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
+    x = x + model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
     encoder_keys = jax.random.split(encoder_key, classifier.level)
     zs = _encode(model, g_params, state.batch_stats, x, encoder_keys, train=True,
                  to_level=classifier.level)
@@ -176,7 +177,7 @@ def _count_errors(model, classifier, variables, images, labels, valid):
 @functools.cache
 def _jitted_count_errors():
   # Jitted at first use: compiler_options() asks for the backend, which an import must not start.
-  return jax.jit(_count_errors, static_argnums=(0, 1), compiler_options=models.compiler_options())
+  return jax.jit(_count_errors, static_argnums=(0, 1), compiler_options=ops.compiler_options())
 
 
 def test_errors(model: models.HALI, classifier: Classifier, variables: dict, images: np.ndarray,

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hali_jax import losses
 from hali_jax import models
+from hali_jax import ops
 from hali_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 def jit_initializer(init: Callable[[], TrainState], mesh,
                     quick_compile: bool = False) -> Callable[[], TrainState]:
   """A pure state initializer jitted to produce its state replicated on the mesh."""
-  return jax.jit(init, out_shardings=replicated(mesh), compiler_options=models.compiler_options(
+  return jax.jit(init, out_shardings=replicated(mesh), compiler_options=ops.compiler_options(
       mesh, INIT_COMPILER_OPTIONS, quick=quick_compile))
 
 
@@ -277,7 +278,7 @@ def make_sharded_train_step(model, tx_g, tx_d, mesh, update: str = 'simultaneous
                            generator_term=generator_term, ema_decay=ema_decay)
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
-                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
+                 compiler_options=ops.compiler_options(mesh, quick=quick_compile))
 
 
 def put_batch(batch: dict, mesh) -> dict:

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import step
 
 
@@ -119,4 +120,4 @@ def make_sharded_vae_step(model: models.HALI, tx_g, mesh, x_std: float,
                                ema_decay=ema_decay)
   return jax.jit(vae_step, in_shardings=(step.replicated(mesh), step.batch_sharding(mesh)),
                  out_shardings=(step.replicated(mesh), step.replicated(mesh)), donate_argnums=0,
-                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
+                 compiler_options=ops.compiler_options(mesh, quick=quick_compile))

@@ -340,7 +340,7 @@ def test_export_images_writes_a_folder_the_pipeline_reads(tmp_path):
 
 def test_conv_gradients_times_both_input_gradients_and_both_compilations(tmp_path):
   """experiments/conv_gradients.py: both input gradients agree and are timed; stride-1 layers are
-  timed compiled with XLA's defaults and with models.CPU_COMPILER_OPTIONS."""
+  timed compiled with XLA's defaults and with ops.CPU_COMPILER_OPTIONS."""
   result = subprocess.run(
       [sys.executable, 'experiments/conv_gradients.py', '--repeats=1',
        '--shapes=2x28x3x4,3x7x2x5', '--library_shapes=2x8x3x4', f'--output_dir={tmp_path}'],

@@ -17,6 +17,7 @@ import pytest
 from hali_jax import default_config
 from hali_jax import losses
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import step as step_lib
 from hali_jax.errors import UserError
 
@@ -198,7 +199,7 @@ def test_state_initializer_compiles_unoptimised_on_cpus_to_the_same_state(two_le
   initial state to rounding as XLA's defaults give."""
   mesh, model, state, _ = two_level
   if jax.default_backend() == 'cpu':
-    assert models.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS) == {
+    assert ops.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS) == {
         'xla_backend_optimization_level': 0}
   config = tiny_config()
   tx_g, tx_d = step_lib.make_optimizers(config)
@@ -207,7 +208,7 @@ def test_state_initializer_compiles_unoptimised_on_cpus_to_the_same_state(two_le
   # suite where this XLA has the older ones; with those this compile takes twice as long (40
   # instead of 19 s).
   defaults = {'xla_backend_optimization_level': 3, 'xla_cpu_use_fusion_emitters': True}
-  optimised = jax.jit(init, compiler_options=models.compiler_options(mesh, defaults))()
+  optimised = jax.jit(init, compiler_options=ops.compiler_options(mesh, defaults))()
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(optimised)):
     if jnp.issubdtype(a.dtype, jnp.floating):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -404,7 +405,7 @@ def _compiled_step(model, state, mesh, update='simultaneous') -> str:
 
 
 def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
-  """models.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
+  """ops.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
   every layer, where XLA would give them to its slower YNNPACK kernels by default."""
   if jax.default_backend() != 'cpu':
     pytest.skip('options for XLA:CPU')
@@ -412,7 +413,7 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
   model, state, _ = make_trainer(tiny_config(), mesh)
   total, in_ynn = _convolutions(_compiled_step(model, state, mesh))  # Forward and both gradients.
   assert total >= 30 and in_ynn == 0, (total, in_ynn)
-  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {})  # XLA's defaults.
+  monkeypatch.setattr(ops, 'CPU_COMPILER_OPTIONS', {})  # XLA's defaults.
   total, in_ynn = _convolutions(_compiled_step(model, state, mesh))
   assert in_ynn >= 14, (total, in_ynn)
 
@@ -420,7 +421,7 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
 def test_simultaneous_step_runs_the_discriminators_backward_pass_once(two_level):
   """In the compiled simultaneous step every convolution of D has one input gradient (one
   backward-data pass for both losses), and XLA computes each forward convolution once; each of
-  D's dense layers (the 4 x 4 and 1 x 1 layers on 1 x 1 inputs, models.conv_general_dilated's
+  D's dense layers (the 4 x 4 and 1 x 1 layers on 1 x 1 inputs, ops.conv_general_dilated's
   matrix products) has one input and one weight gradient. The sequential update's two forward
   passes and two pullbacks have all but one convolution's input gradient twice (L_d's pullback
   needs no gradient of D's input) and every dense layer's input gradient twice."""

@@ -30,7 +30,7 @@ from tensorboardX.proto import event_pb2
 from configs import mnist
 from hali_jax import checkpoint
 from hali_jax import methods
-from hali_jax import models
+from hali_jax import ops
 from hali_jax import probes
 from hali_jax import train
 from hali_jax import workdir_lock
@@ -229,22 +229,22 @@ def test_ema_is_checkpointed_resumed_and_restored_for_analysis(tmp_path):
 
 def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_check(
     tmp_path, monkeypatch):
-  """config.quick_compile (which `tiny` sets) asks for models.QUICK_COMPILER_OPTIONS for the
+  """config.quick_compile (which `tiny` sets) asks for ops.QUICK_COMPILER_OPTIONS for the
   state's initializer, the step, the evaluation, the probes and the finiteness check, and XLA
   accepts them (jaxlib 0.11's has no older fusion emitters to choose)."""
-  compiler_options, asked = models.compiler_options, []
+  compiler_options, asked = ops.compiler_options, []
 
   def spy(mesh=None, options=None, quick=False):
     asked.append(quick)
     return compiler_options(mesh, options, quick)
 
-  monkeypatch.setattr(models, 'compiler_options', spy)
+  monkeypatch.setattr(ops, 'compiler_options', spy)
   assert tiny_config().quick_compile and not mnist.get_config().quick_compile
   with mock_tfds(MOCK_EXAMPLES):
     train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
   assert asked == [True] * 5, asked
   if jax.default_backend() == 'cpu':
-    expected = {**models.CPU_COMPILER_OPTIONS, **models.QUICK_COMPILER_OPTIONS}
+    expected = {**ops.CPU_COMPILER_OPTIONS, **ops.QUICK_COMPILER_OPTIONS}
     if not XLA_HAS_OLDER_EMITTERS:
       del expected['xla_cpu_use_fusion_emitters']
     assert compiler_options(quick=True) == expected
