@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from hali_jax import input_pipeline
 from hali_jax import ops
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 METADATA = 'classifier.json'
@@ -185,8 +186,7 @@ def default_directory(config: ml_collections.ConfigDict, width: float) -> str:
 
 def save(classifier: Classifier, directory: str) -> None:
   """Writes the classifier into `directory` atomically: a crash leaves no half-written one."""
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
+  parent = make_directory(os.path.dirname(os.path.abspath(directory)), '--classifier_dir')
   staging = tempfile.mkdtemp(prefix='.classifier-', dir=parent)
   try:
     with ocp.StandardCheckpointer() as checkpointer:

@@ -55,7 +55,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.leaky_slope = 0.2
   # 'float32', or 'bfloat16' for mixed precision on GPUs and TPUs: the networks compute in
   # bfloat16; parameters, optimizer states, batch-norm statistics, the Gaussian layers, the
-  # logits and the losses stay float32. Off by default until measured (experiments/BENCHMARKS.md).
+  # logits and the losses stay float32. Off by default until measured (experiments/speed/
+  # BENCHMARKS.md).
   c.model.compute_dtype = 'float32'
 
   # --- Optimisation (hali_jax/train.py) -------------------------------------------------------

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 # XLA:CPU (jax 0.10) gives convolutions to YNNPACK by default, whose kernels took 0.9-1.9 times
 # as long as XLA's own (Eigen) convolutions on this project's layers, and 1.1-2.4 times on their
-# gradients; the train steps ran 19-30% faster without them (experiments/BENCHMARKS.md, "XLA's
+# gradients; the train steps ran 19-30% faster without them (experiments/speed/BENCHMARKS.md, "XLA's
 # CPU convolutions"). Matrix products and reductions stay with YNNPACK, as by default.
 CPU_COMPILER_OPTIONS = {
     'xla_cpu_experimental_ynn_fusion_type':
@@ -47,7 +47,7 @@ CPU_COMPILER_OPTIONS = {
 # config.quick_compile: a run of a few steps (the `tiny` configs) spends its time compiling code
 # it runs a few times. Without LLVM's optimisations and with XLA:CPU's older fusion emitters,
 # configs/mnist.py:tiny's train step compiled in 3.7-5.0 s instead of 12.3-14.1 s and ran 20-25 ms
-# instead of 10-13; a cold run of it compiled for 8-10 s instead of 20-22 (experiments/
+# instead of 10-13; a cold run of it compiled for 8-10 s instead of 20-22 (experiments/speed/
 # BENCHMARKS.md, "Compiling a short run quickly"). jaxlib 0.11's XLA has only the new emitters:
 # there, compiler_options() leaves that option out.
 QUICK_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0,
@@ -88,7 +88,7 @@ def standard_normal(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> 
   """jax.random.normal(key, shape, dtype), drawn as one flat vector: the same numbers (threefry
   counts over the flat index). On a CPU jax runs threefry's rounds as a loop whose state has the
   draw's shape, and XLA:CPU unrolled its [B, H, W, C] loop nests 25-56 fold:
-  drawn flat, the MNIST train steps compile 3.5 s sooner (experiments/BENCHMARKS.md)."""
+  drawn flat, the MNIST train steps compile 3.5 s sooner (experiments/speed/BENCHMARKS.md)."""
   return jax.random.normal(key, (math.prod(shape),), dtype).reshape(shape)
 
 
@@ -103,7 +103,7 @@ class Dropout(nn.Module):
   1 / (1 - rate)) from fewer random bits: b = dropout_bits(rate) per unit, so a 32-bit draw
   serves 32 / b units. Table 4's rate 0.5 needs 1 bit; 0.2 takes 16, which makes the drop
   probability round(0.2 * 2^16) / 2^16 = 0.2 - 3e-6 (flax's float32 uniform rounds it too, at
-  2^-23). Random numbers were a sixth of the train step on a CPU (experiments/BENCHMARKS.md).
+  2^-23). Random numbers were a sixth of the train step on a CPU (experiments/speed/BENCHMARKS.md).
   """
   rate: float
 
@@ -176,8 +176,8 @@ def _strided_conv_bwd(strides, pads, residuals, dy):
 _strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
-# Measured on a 2-core CPU (experiments/conv_gradients.py, with CPU_COMPILER_OPTIONS): at sides
-# 28-32 the sub-pixel input gradient takes 0.16-1.1 of XLA's time (0.16-0.28 for D's doubled
+# Measured on a 2-core CPU (experiments/speed/conv_gradients.py, with CPU_COMPILER_OPTIONS): at
+# sides 28-32 the sub-pixel input gradient takes 0.16-1.1 of XLA's time (0.16-0.28 for D's doubled
 # batch); at 14-16, 0.5-2.1; at 7-8, where XLA's generic path is quick, 2.3-2.5 times as long.
 # From side 16 instead, the CIFAR-10 step was no faster.
 SUBPIXEL_MIN_SIDE = 24
@@ -188,7 +188,7 @@ def conv_general_dilated(x, kernel, strides, padding, lhs_dilation=None, rhs_dil
   """nn.Conv's convolution (NHWC): lax's, except that
   - a kernel as large as its unpadded input (the 4 x 4 'VALID' layers that end the vector
     paths) is the matrix product it amounts to: XLA ran its input gradient, a convolution of a
-    1 x 1 input padded by 3 on each side, at ~13 GFLOP/s on a CPU (experiments/BENCHMARKS.md);
+    1 x 1 input padded by 3 on each side, at ~13 GFLOP/s on a CPU (experiments/speed/BENCHMARKS.md);
   - a strided one takes its input gradient from `subpixel_input_gradient` on a CPU at sides
     >= SUBPIXEL_MIN_SIDE, where XLA would run the transposed convolution on its slow generic
     path (+19% steps/s on configs/mnist.py).
@@ -236,7 +236,7 @@ def upsample_bilinear(h, size: int):
 
   Doubling a side, each output is 3/4 of its nearest input and 1/4 of the next nearest (edges
   clamped): `_double`, along H then W. jax.image.resize forms the same sums as products with
-  [size, side] weight matrices, slower on a CPU (experiments/BENCHMARKS.md). Other sizes go to
+  [size, side] weight matrices, slower on a CPU (experiments/speed/BENCHMARKS.md). Other sizes go to
   jax.image.resize.
   """
   if h.shape[1:3] != (size // 2, size // 2) or size % 2:

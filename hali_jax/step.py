@@ -140,7 +140,7 @@ def evaluation_variables(state) -> dict:
 # A state initializer runs once per run, so its compilation is its cost: on a CPU, without
 # LLVM's optimisations, configs/mnist.py:tiny's compiles in 2.9 s instead of 12.0 s and runs in
 # 5 ms; configs/cifar10.py's in 4.3 s instead of 12.4 s, then runs 2.1 s (experiments/
-# BENCHMARKS.md, "Compile time"). The finiteness check before each checkpoint is compiled so
+# speed/BENCHMARKS.md, "Compile time"). The finiteness check before each checkpoint is compiled so
 # too (train.make_finiteness_check).
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 

@@ -224,7 +224,7 @@ def make_finiteness_check(mesh, quick_compile: bool = False) -> Callable:
   """step.all_finite jitted for the state, checked before each checkpoint. It runs that rarely,
   so on a CPU it is compiled like the state initializer, without LLVM's optimisations: for the
   lean MNIST state in 1.1-1.3 s instead of 1.6-1.9, then running 24 ms instead of 6
-  (experiments/BENCHMARKS.md)."""
+  (experiments/speed/BENCHMARKS.md)."""
   return jax.jit(step_lib.all_finite, compiler_options=ops.compiler_options(
       mesh, step_lib.INIT_COMPILER_OPTIONS, quick=quick_compile))
 

@@ -324,7 +324,7 @@ def test_standard_normal_draws_jax_random_normals_numbers(partitionable):
 
 def test_every_random_draw_of_the_model_reaches_xla_flat():
   """threefry's rounds are a while loop over the draw's shape; XLA:CPU unrolled the loop nest of
-  a [B, H, W, C] one into 25-56 times the code (experiments/BENCHMARKS.md). Every draw of the
+  a [B, H, W, C] one into 25-56 times the code (experiments/speed/BENCHMARKS.md). Every draw of the
   training forward pass (noise, Gaussian layers, prior, dropout) must loop over a vector."""
   a = architectures.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
   x = jnp.zeros((4, 28, 28, 1))

@@ -1,6 +1,6 @@
 """An eager PyTorch twin of hali_jax's networks and train step, and both steps' speeds (issue 10).
 
-  python experiments/pytorch_twin.py --config=configs/mnist.py:lean [--config.data_dir=...]
+  python experiments/speed/pytorch_twin.py --config=configs/mnist.py:lean [--config.data_dir=...]
       [--rounds=5] [--round_steps=10] [--warmup_steps=3] [--timed=both|jax|torch]
       [--output_dir=DIR]
 
@@ -11,9 +11,9 @@ specs, so the same layer list), one torch module per flax module, with flax's se
 'SAME' padding (asymmetric for stride 2 on even sides), batch norm with flax's momentum and
 epsilon, weight norm with one scale per output feature, bilinear upsampling as
 jax.image.resize's, input noise on the encoder's input and on every discriminator input, one
-discriminator pass over both joints. Its step is Algorithm 1's simultaneous update as in hali_jax/step.py: one forward pass,
-the gradient of L_d with respect to D and of L_g with respect to the encoder and decoder from the
-same graph, one Adam per side. tests/test_pytorch_twin.py checks that, with flax's parameters
+discriminator pass over both joints. Its step is Algorithm 1's simultaneous update as in
+hali_jax/step.py: one forward pass, the gradient of L_d with respect to D and of L_g with respect
+to the encoder and decoder from the same graph, one Adam per side. tests/test_pytorch_twin.py checks that, with flax's parameters
 copied in (`load_flax`), the twin computes the same functions.
 One difference, outside the step's function: torch's batch norm updates its running variance
 with the unbiased batch variance, flax's with the biased one (a factor n / (n - 1) on the new
@@ -31,7 +31,7 @@ Reports, as a markdown table (printed, and DIR/pytorch_twin.md) and JSON (DIR/py
     rate) and their ratio jax / torch. With --timed=jax or --timed=torch only that step runs
     (the other's threads and memory stay idle: the ratio then comes from two processes; on our
     2-core VM, torch's steps made the jax step's page faults several times as costly in a
-    shared process, experiments/BENCHMARKS.md). The
+    shared process, experiments/speed/BENCHMARKS.md). The
     jax step is the training program's (its metrics and divergence guard included); the twin's
     computes the two losses and the updates only.
 """
@@ -65,7 +65,7 @@ from hali_jax.errors import UserError
 
 # configs/*.py import the `configs` package: make the repository root importable, as
 # `python -m hali_jax.main` run from it does.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config, as for hali_jax.main.')
 flags.DEFINE_string('output_dir', None, 'Where pytorch_twin.md and pytorch_twin.json go '

@@ -1,6 +1,6 @@
 """How fast the training program runs a config: steps/s, compile times, FLOPs, input pipeline.
 
-  python experiments/benchmark.py --config=configs/mnist.py [--config.batch_size=64 ...]
+  python experiments/speed/benchmark.py --config=configs/mnist.py [--config.batch_size=64 ...]
       [--output_dir=DIR] [--windows=5] [--window_steps=20] [--pipeline_batches=50]
 
 Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/benchmark.json):
@@ -66,7 +66,7 @@ from hali_jax.errors import UserError
 
 # configs/*.py import the `configs` package: make the repository root importable, as
 # `python -m hali_jax.main` run from it does.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config, as for hali_jax.main.')
 flags.DEFINE_string('output_dir', None, 'Where benchmark.md and benchmark.json go (optional).')

@@ -1,7 +1,7 @@
 """How the CPU computes the configs' convolutions and their gradients, layer by layer: what
 `ops.SUBPIXEL_MIN_SIDE` and `ops.CPU_COMPILER_OPTIONS` are chosen from.
 
-  python experiments/conv_gradients.py [--repeats=30] [--shapes=BxSIDExCINxCOUT,...]
+  python experiments/speed/conv_gradients.py [--repeats=30] [--shapes=BxSIDExCINxCOUT,...]
       [--library_shapes=BxSIDExCINxCOUT,...] [--output_dir=DIR]
 
 --shapes (batch, side, channels in -> out; 3x3 kernel, stride 2, 'SAME'): the median
@@ -12,7 +12,7 @@ milliseconds of the jitted input gradient as XLA's transposed convolution and as
 --library_shapes (3x3, stride 1, 'SAME'): the median milliseconds of the forward convolution and
 of both its gradients, compiled with XLA's default options (convolutions in YNNPACK) and with
 ops.CPU_COMPILER_OPTIONS (XLA's own, Eigen, convolutions). The train step's own before/after
-is experiments/benchmark.py's.
+is experiments/speed/benchmark.py's.
 """
 
 import statistics
