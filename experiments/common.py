@@ -18,6 +18,7 @@ from PIL import Image
 from hali_jax import checkpoint
 from hali_jax import input_pipeline
 from hali_jax import writers
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 # Not required by absl, so that the table scripts (--workdirs) can share this module: `workdir()`
@@ -88,8 +89,7 @@ def check_index(model, level: int) -> int:
 
 def output_path(name: str) -> str:
   directory = FLAGS.output_dir or os.path.join(workdir(), 'analysis')
-  os.makedirs(directory, exist_ok=True)
-  return os.path.join(directory, name)
+  return os.path.join(make_directory(directory, '--output_dir'), name)
 
 
 def save_picture(name: str, picture: np.ndarray) -> str:

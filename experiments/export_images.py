@@ -16,6 +16,7 @@ from PIL import Image
 import common
 from hali_jax import input_pipeline
 from hali_jax.default_config import get_default_config
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 flags.DEFINE_string('dataset', 'mnist', 'A tfds dataset with class labels (mnist, cifar10, ...).')
@@ -37,6 +38,7 @@ def main(argv):
                     'class labels (mnist, cifar10, svhn_cropped).')
   config.image_size = facts.shape[0]
   names = input_pipeline.attribute_names(config)
+  make_directory(FLAGS.output_dir, '--output_dir')
   for name in names:
     os.makedirs(os.path.join(FLAGS.output_dir, name), exist_ok=True)
   index = 0

@@ -28,6 +28,7 @@ from absl import logging
 
 import budgeted_runs
 import common
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 flags.DEFINE_float('minutes_per_model', 20.0, 'Wall-clock training budget of each model.')
@@ -77,7 +78,7 @@ def main(argv):
     raise UserError('--output_dir=DIR is required: the study writes its runs and tables there.')
   if FLAGS.minutes_per_model <= 0:
     raise UserError(f'--minutes_per_model={FLAGS.minutes_per_model} must be positive.')
-  out = os.path.abspath(FLAGS.output_dir)
+  out = make_directory(os.path.abspath(FLAGS.output_dir), '--output_dir')
   workdirs = {name: os.path.join(out, name) for name in MODELS}
 
   # 1. Training.

@@ -27,6 +27,7 @@ from absl import logging
 
 import budgeted_runs
 import common
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 flags.DEFINE_float('minutes_per_model', 15.0, 'Wall-clock training budget of each run.')
@@ -100,7 +101,7 @@ def main(argv):
   unknown = set(FLAGS.models) - set(MODELS)
   if unknown:
     raise UserError(f'--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}.')
-  out = os.path.abspath(FLAGS.output_dir)
+  out = make_directory(os.path.abspath(FLAGS.output_dir), '--output_dir')
   runs = {f'{m}_seed{s}': (m, s) for s in FLAGS.label_seeds for m in FLAGS.models}
   times = {name: train(m, s, os.path.join(out, name)) for name, (m, s) in runs.items()}
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hali_jax import models
+from hali_jax import ops
 
 
 def _split(key: jax.Array | None, n: int) -> list:
@@ -37,7 +38,7 @@ def _jitted_features(model: models.HALI) -> Callable:
   # One program per model, compiled at first use (not at import) and kept: the training loop
   # encodes at every evaluation.
   return jax.jit(lambda variables, x: [z.reshape(z.shape[0], -1) for z in encode(model, variables, x)],
-                 compiler_options=models.compiler_options())
+                 compiler_options=ops.compiler_options())
 
 
 def features(model: models.HALI, variables, images: np.ndarray,
@@ -68,7 +69,7 @@ def reconstruct(model: models.HALI, variables, x, level: int,
 def sample(model: models.HALI, variables, key: jax.Array, n: int) -> jax.Array:
   """n images from the decoder: z_L ~ N(0, I), then each kernel sampled down to x."""
   prior_key, levels_key = jax.random.split(key)
-  z_top = models.standard_normal(prior_key, (n,) + model.arch.latent_shapes[-1])
+  z_top = ops.standard_normal(prior_key, (n,) + model.arch.latent_shapes[-1])
   return decode_from(model, variables, z_top, model.arch.num_levels, levels_key)
 
 

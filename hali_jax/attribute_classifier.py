@@ -33,7 +33,8 @@ import optax
 import orbax.checkpoint as ocp
 
 from hali_jax import input_pipeline
-from hali_jax import models
+from hali_jax import ops
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 METADATA = 'classifier.json'
@@ -104,7 +105,7 @@ def _apply(module: VGG, variables: dict, images: jax.Array):
 @functools.cache
 def _jitted_apply():
   # Jitted at first use: compiler_options() asks for the backend, which an import must not start.
-  return jax.jit(_apply, static_argnums=0, compiler_options=models.compiler_options())
+  return jax.jit(_apply, static_argnums=0, compiler_options=ops.compiler_options())
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def train(config: ml_collections.ConfigDict, width: float = 0.25, epochs: float 
   params, batch_stats = variables['params'], variables['batch_stats']
   opt_state = tx.init(params)
 
-  @functools.partial(jax.jit, compiler_options=models.compiler_options())
+  @functools.partial(jax.jit, compiler_options=ops.compiler_options())
   def train_step(params, batch_stats, opt_state, images, targets, step):
     def loss_fn(params):
       (logits, _), updates = module.apply(
@@ -185,8 +186,7 @@ def default_directory(config: ml_collections.ConfigDict, width: float) -> str:
 
 def save(classifier: Classifier, directory: str) -> None:
   """Writes the classifier into `directory` atomically: a crash leaves no half-written one."""
-  parent = os.path.dirname(os.path.abspath(directory))
-  os.makedirs(parent, exist_ok=True)
+  parent = make_directory(os.path.dirname(os.path.abspath(directory)), '--classifier_dir')
   staging = tempfile.mkdtemp(prefix='.classifier-', dir=parent)
   try:
     with ocp.StandardCheckpointer() as checkpointer:

@@ -37,7 +37,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   # --- Model (hali_jax/models.py) -------------------------------------------------------------
   c.method = 'hali'  # 'hali' (adversarial, Algorithm 1) or 'vae' (ELBO baseline).
   c.model = ml_collections.ConfigDict()
-  c.model.arch = '28'  # '128', '64', '32' or '28': see models.ARCHITECTURES.
+  c.model.arch = '28'  # '128', '64', '32' or '28': see architectures.ARCHITECTURES.
   c.model.num_levels = 2  # L. 1 is ALI.
   c.model.width = 1.0  # Multiplier on every hidden width (not on latent sizes).
   c.model.z_channels = 64  # Channels of each spatial latent z_1..z_{L-1}.
@@ -59,7 +59,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.leaky_slope = 0.2
   # 'float32', or 'bfloat16' for mixed precision on GPUs and TPUs: the networks compute in
   # bfloat16; parameters, optimizer states, batch-norm statistics, the Gaussian layers, the
-  # logits and the losses stay float32. Off by default until measured (experiments/BENCHMARKS.md).
+  # logits and the losses stay float32. Off by default until measured (experiments/speed/
+  # BENCHMARKS.md).
   c.model.compute_dtype = 'float32'
 
   # --- Optimisation (hali_jax/train.py) -------------------------------------------------------
@@ -129,7 +130,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.seed = 0
   # On a CPU, compile the state's initializer, the step, the evaluation, the probes and the
   # finiteness check for a short run: without LLVM's optimisations and, where XLA has them (jaxlib 0.10), with its
-  # older fusion emitters (models.QUICK_COMPILER_OPTIONS), about 3x sooner, each step then ~2x
+  # older fusion emitters (ops.QUICK_COMPILER_OPTIONS), about 3x sooner, each step then ~2x
   # slower. For runs of a few steps; the `tiny` option sets it. It rounds floats differently, so
   # a resumed run is bitwise the uninterrupted one only if both share it.
   c.quick_compile = False

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp')
@@ -145,7 +146,7 @@ def _convert(root, paths, others, size, grey, seed, test_fraction, directory) ->
   by_split = {s: [p for p in paths if split_of(p, seed, test_fraction) == s] for s in SPLITS}
   logging.info('Converting the %d images of %s into a cache at %s (once).', len(paths), root,
                directory)
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
+  make_directory(os.path.dirname(directory), '--config.input.cache_dir')
   staging = tempfile.mkdtemp(prefix='.staging-', dir=os.path.dirname(directory))
   skipped, counts = [], {}
   channels = 1 if grey else 3

@@ -2,8 +2,10 @@
 
 Any config field can be overridden: --config.batch_size=128 --config.model.num_levels=3.
 Config options follow a colon: --config=configs/mnist.py:tiny,ali. Running again with the same
---workdir resumes from its latest checkpoint. Bad input (config, data, checkpoint) prints
-`error: <message>` and exits with status 2.
+--workdir resumes from its latest checkpoint. Bad input (config, data, checkpoint, paths) prints
+`error: <message>` and exits with status 2. The console shows each log line's message alone
+(warnings and errors marked `warning:`, `error:`); --log_dir=DIR also writes them with absl's
+prefix of date, thread and file to DIR/hali_jax.log (TensorBoard keeps every metric).
 """
 
 import logging as python_logging
@@ -17,6 +19,7 @@ import jax
 from ml_collections import config_flags
 
 from hali_jax import train
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -104,6 +107,26 @@ class _QuietLibraries(python_logging.Filter):
             or not any(part in record.pathname for part in _QUIET_LIBRARIES))
 
 
+class _ConsoleFormatter(python_logging.Formatter):
+  """Lines for people: the message alone, warnings and errors after a short marker."""
+
+  def format(self, record: python_logging.LogRecord) -> str:
+    line = super().format(record)
+    return line if record.levelno < python_logging.WARNING else (
+        f'{record.levelname.lower()}: {line}')
+
+
+def _log_to_file(directory: str, quiet: python_logging.Filter) -> None:
+  """Every line also into DIR/hali_jax.log (process k of several: hali_jax.k.log), with
+  absl's prefix (date, thread id, file)."""
+  name = f'hali_jax.{jax.process_index()}.log' if jax.process_count() > 1 else 'hali_jax.log'
+  path = os.path.join(make_directory(os.path.expanduser(directory), '--log_dir'), name)
+  handler = python_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  handler.addFilter(quiet)
+  python_logging.getLogger().addHandler(handler)
+
+
 def _error(message: str) -> int:
   print(f'error: {message}', file=sys.stderr)
   return 2
@@ -112,13 +135,18 @@ def _error(message: str) -> int:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  quiet = _QuietLibraries()
+  console = logging.get_absl_handler()
+  console.addFilter(quiet)
+  console.setFormatter(_ConsoleFormatter())
   try:
     if _is_multiprocess_job():
       _initialize_distributed()
+    if flags.FLAGS.log_dir:
+      _log_to_file(flags.FLAGS.log_dir, quiet)
     if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
-      jax.config.update('jax_compilation_cache_dir',
-                        os.path.expanduser(_COMPILATION_CACHE.value))
+      jax.config.update('jax_compilation_cache_dir', make_directory(
+          os.path.expanduser(_COMPILATION_CACHE.value), '--compilation_cache'))
     if jax.process_index():  # Only process 0 talks; the others still log warnings and errors.
       logging.set_verbosity(logging.WARNING)
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

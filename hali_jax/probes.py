@@ -40,6 +40,7 @@ import optax
 from hali_jax import analysis
 from hali_jax import input_pipeline
 from hali_jax import models
+from hali_jax import ops
 from hali_jax.errors import UserError
 
 PROBES_FILE = 'probes.jsonl'
@@ -196,7 +197,7 @@ class Prober:
     self._config = config.probes
     self._data = data
     self._with_discriminator = with_discriminator
-    options = models.compiler_options(quick=config.quick_compile)
+    options = ops.compiler_options(quick=config.quick_compile)
     # (features, distances) -> its program: the training images need no decoding.
     self._encode = {parts: jax.jit(
         functools.partial(_encode_and_reconstruct, model, features=parts[0], distances=parts[1]),

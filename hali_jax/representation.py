@@ -29,6 +29,7 @@ from sklearn import svm
 
 from hali_jax import analysis
 from hali_jax import models
+from hali_jax import ops
 from hali_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import optax
 from hali_jax import analysis
 from hali_jax import input_pipeline
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import probes
 from hali_jax import step
 from hali_jax.errors import UserError
@@ -142,7 +143,7 @@ def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx
 def _encode(model: models.HALI, params, batch_stats, x, noise_key, keys, *, to_level: int):
   """(the encoder's sampled [z_1, ..., z_to_level] of x + sigma * eps, its new batch statistics),
   as in the adversarial pass: batch norm normalizes with x's own statistics."""
-  x = x + model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
+  x = x + model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
   encoder = models.Encoder(model.arch, model.slope)
   levels, updates = encoder.apply(
       {'params': params['encoder'], 'batch_stats': batch_stats['encoder']}, x, keys, train=True,

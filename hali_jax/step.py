@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hali_jax import losses
 from hali_jax import models
+from hali_jax import ops
 from hali_jax.errors import UserError
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ def evaluation_variables(state) -> dict:
 # A state initializer runs once per run, so its compilation is its cost: on a CPU, without
 # LLVM's optimisations, configs/mnist.py:tiny's compiles in 2.9 s instead of 12.0 s and runs in
 # 5 ms; configs/cifar10.py's in 4.3 s instead of 12.4 s, then runs 2.1 s (experiments/
-# BENCHMARKS.md, "Compile time"). The finiteness check before each checkpoint is compiled so
+# speed/BENCHMARKS.md, "Compile time"). The finiteness check before each checkpoint is compiled so
 # too (train.make_finiteness_check).
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
@@ -147,7 +148,7 @@ INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 def jit_initializer(init: Callable[[], TrainState], mesh,
                     quick_compile: bool = False) -> Callable[[], TrainState]:
   """A pure state initializer jitted to produce its state replicated on the mesh."""
-  return jax.jit(init, out_shardings=replicated(mesh), compiler_options=models.compiler_options(
+  return jax.jit(init, out_shardings=replicated(mesh), compiler_options=ops.compiler_options(
       mesh, INIT_COMPILER_OPTIONS, quick=quick_compile))
 
 
@@ -282,7 +283,7 @@ def jit_step(step: Callable, mesh, quick_compile: bool = False) -> Callable:
   """Any method's step(state, batch) -> (state, metrics) jitted over `mesh`."""
   return jax.jit(step, in_shardings=(replicated(mesh), batch_sharding(mesh)),
                  out_shardings=(replicated(mesh), replicated(mesh)), donate_argnums=0,
-                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
+                 compiler_options=ops.compiler_options(mesh, quick=quick_compile))
 
 
 def put_batch(batch: dict, mesh) -> dict:

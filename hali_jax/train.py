@@ -34,6 +34,7 @@ from hali_jax import default_config
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import probes
 from hali_jax import semisup
 from hali_jax import step as step_lib
@@ -223,8 +224,8 @@ def make_finiteness_check(mesh, quick_compile: bool = False) -> Callable:
   """step.all_finite jitted for the state, checked before each checkpoint. It runs that rarely,
   so on a CPU it is compiled like the state initializer, without LLVM's optimisations: for the
   lean MNIST state in 1.1-1.3 s instead of 1.6-1.9, then running 24 ms instead of 6
-  (experiments/BENCHMARKS.md)."""
-  return jax.jit(step_lib.all_finite, compiler_options=models.compiler_options(
+  (experiments/speed/BENCHMARKS.md)."""
+  return jax.jit(step_lib.all_finite, compiler_options=ops.compiler_options(
       mesh, step_lib.INIT_COMPILER_OPTIONS, quick=quick_compile))
 
 
@@ -263,7 +264,7 @@ def make_evaluate(model: models.HALI, mesh, num_samples: int,
     return errors, reconstructions, analysis.sample(model, variables, key, num_samples)
 
   return jax.jit(evaluate, out_shardings=step_lib.replicated(mesh),
-                 compiler_options=models.compiler_options(mesh, quick=quick_compile))
+                 compiler_options=ops.compiler_options(mesh, quick=quick_compile))
 
 
 def make_test_errors(config: ml_collections.ConfigDict, model: models.HALI,

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import step
 
 

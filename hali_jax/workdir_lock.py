@@ -18,6 +18,7 @@ import time
 
 from absl import logging
 
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 LOCK_FILE = 'run.lock'
@@ -87,7 +88,7 @@ def hold(workdir: str, enabled: bool = True):
   if not enabled or '://' in str(workdir):
     yield
     return
-  os.makedirs(workdir, exist_ok=True)
+  make_directory(workdir, '--workdir')
   path = os.path.join(workdir, LOCK_FILE)
   while not _create(path):
     holder = _read(path)

@@ -9,7 +9,7 @@ import pytest
 
 # Tests check behaviour, not speed: without LLVM optimisation XLA's CPU backend compiles our
 # networks ~3x faster, and its older (LLVM IR) fusion emitters compile a tiny train step in
-# about half the time of the default MLIR ones at that level (experiments/BENCHMARKS.md,
+# about half the time of the default MLIR ones at that level (experiments/speed/BENCHMARKS.md,
 # "The test suite's compile time"), which keeps the suite within CI's budget. jaxlib 0.11's XLA
 # has only the new emitters, and an unknown flag in XLA_FLAGS aborts the process. Appended, so a
 # test may still add flags (e.g. fake devices) in its subprocesses.

@@ -116,6 +116,18 @@ def test_bad_flags_are_user_errors(workdir, tmp_path):
   assert 'Traceback' not in result.stderr
 
 
+def test_an_output_dir_that_is_a_file_is_a_user_error(workdir, tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  for command in (['experiments/samples.py', f'--workdir={workdir}'],
+                  ['experiments/speed/conv_gradients.py']):
+    result = subprocess.run([sys.executable, *command, f'--output_dir={a_file}'], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f'error: --output_dir={a_file} is a file' in result.stderr, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+
+
 # --------------------------------------------------------------------------------------------
 # The table scripts (several runs: --workdirs).
 # --------------------------------------------------------------------------------------------
@@ -228,7 +240,7 @@ def test_mnist_study_end_to_end(tmp_path):
 
 def test_benchmark_reports_every_measure(tmp_path):
   result = subprocess.run(  # A batch of 10: no layer of the tiny config has 10 or 20 channels.
-      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny,lean',
+      [sys.executable, 'experiments/speed/benchmark.py', '--config=configs/mnist.py:tiny,lean',
        '--config.batch_size=10', f'--output_dir={tmp_path / "bench"}', '--windows=2',
        '--window_steps=2', '--pipeline_batches=2', '--profile_steps=1', '--time_convolutions'],
       cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=600)
@@ -270,7 +282,7 @@ def test_benchmark_times_the_test_errors_of_a_semi_supervised_config(tmp_path):
   """Semi-supervised HALI also compiles the count of test errors (Table 3's metric), from the
   state before the benchmark's steps donate it."""
   result = subprocess.run(
-      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist_semisup.py:tiny',
+      [sys.executable, 'experiments/speed/benchmark.py', '--config=configs/mnist_semisup.py:tiny',
        # The mock data hold 1 example of some classes and none of one: 9 labelled examples.
        '--config.semisup.labels_per_class=1', '--config.semisup.batch_size=8',
        f'--output_dir={tmp_path / "bench"}', '--windows=1', '--window_steps=1',
@@ -286,8 +298,8 @@ def test_benchmark_times_the_test_errors_of_a_semi_supervised_config(tmp_path):
 def test_benchmark_on_synthetic_data_reads_no_dataset(tmp_path):
   """--synthetic_data (CelebA on a GPU machine that lacks it): the step timed with an empty data
   directory, no pipeline measures; semi-supervised configs, which need labels, refused."""
-  command = [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny,lean',
-             f'--config.data_dir={tmp_path / "empty"}', '--synthetic_data']
+  command = [sys.executable, 'experiments/speed/benchmark.py',
+             '--config=configs/mnist.py:tiny,lean', f'--config.data_dir={tmp_path / "empty"}', '--synthetic_data']
   result = subprocess.run(command + [f'--output_dir={tmp_path / "bench"}', '--windows=1',
                                      '--window_steps=2'], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
@@ -310,7 +322,7 @@ def test_benchmark_finds_the_configs_from_the_repository_root(tmp_path):
   reported on one line."""
   env = {k: v for k, v in subprocess_env().items() if k != 'PYTHONPATH'}
   result = subprocess.run(
-      [sys.executable, 'experiments/benchmark.py', '--config=configs/mnist.py:tiny,lean',
+      [sys.executable, 'experiments/speed/benchmark.py', '--config=configs/mnist.py:tiny,lean',
        '--config.num_train_steps=0'], cwd=REPO, env=env, capture_output=True, text=True,
       timeout=300)
   assert result.returncode == 2, result.stderr[-3000:]
@@ -339,10 +351,10 @@ def test_export_images_writes_a_folder_the_pipeline_reads(tmp_path):
 
 
 def test_conv_gradients_times_both_input_gradients_and_both_compilations(tmp_path):
-  """experiments/conv_gradients.py: both input gradients agree and are timed; stride-1 layers are
-  timed compiled with XLA's defaults and with models.CPU_COMPILER_OPTIONS."""
+  """experiments/speed/conv_gradients.py: both input gradients agree and are timed; stride-1
+  layers are timed compiled with XLA's defaults and with ops.CPU_COMPILER_OPTIONS."""
   result = subprocess.run(
-      [sys.executable, 'experiments/conv_gradients.py', '--repeats=1',
+      [sys.executable, 'experiments/speed/conv_gradients.py', '--repeats=1',
        '--shapes=2x28x3x4,3x7x2x5', '--library_shapes=2x8x3x4', f'--output_dir={tmp_path}'],
       cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

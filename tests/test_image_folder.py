@@ -150,6 +150,9 @@ def test_bad_folders(tmp_path):
   assert not [p for p in (tmp_path / 'cache').iterdir() if p.name.startswith('.staging')]
   with pytest.raises(UserError, match='takes one image size'):
     folder.get_config('28,32')
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(UserError, match='--config.input.cache_dir=.*a_file is a file'):
+    image_folder.prepare(config_for(broken, tmp_path / 'a_file'))
 
 
 def test_train_on_a_folder_and_resume(images, tmp_path):

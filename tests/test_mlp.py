@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hali_jax import architectures
 from hali_jax import default_config
 from hali_jax import models
 from hali_jax import step as step_lib
@@ -29,7 +30,7 @@ def test_mlp_layers():
   dense = lambda n, **kw: Conv(n, kernel=1, **kw)
   hidden = (dense(1024, norm='bn'), dense(1024, norm='bn'))
   z_path = (dense(512, norm='wn', dropout=0.2), dense(512, norm='wn', dropout=0.2))
-  a = models.build_architecture('mlp', 2, 1, z_channels=256, z_dim=64)
+  a = architectures.build_architecture('mlp', 2, 1, z_channels=256, z_dim=64)
   assert a.image_shape == IMAGE_SHAPE
   assert a.latent_shapes == ((256,), (64,))
   assert a.encoder == ((Flatten(),) + hidden, hidden)
@@ -40,7 +41,7 @@ def test_mlp_layers():
   assert a.disc_joint == (dense(1024, dropout=0.2), dense(1024, dropout=0.2))
   assert a.disc_logit == dense(1, act='linear', dropout=0.2)
   # Any depth: no spatial side limits it.
-  deep = models.build_architecture('mlp', 6, 1, width=0.5, z_channels=32, z_dim=16)
+  deep = architectures.build_architecture('mlp', 6, 1, width=0.5, z_channels=32, z_dim=16)
   assert deep.latent_shapes == ((32,),) * 5 + ((16,),)
   assert deep.encoder[1:] == deep.decoder[1:] == ((dense(512, norm='bn'),) * 2,) * 5
   assert len(deep.disc_stages) == len(deep.disc_z_paths) == 6
@@ -49,14 +50,14 @@ def test_mlp_layers():
     models.create_model(mlp_config(2).model, (32, 32, 3))
   assert '\n' not in str(error.value)
   with pytest.raises(UserError, match='num_levels'):
-    models.build_architecture('mlp', 0, 1)
+    architectures.build_architecture('mlp', 0, 1)
 
 
 def test_mlp_text_dropout_counts_the_z_paths():
   """Sec. 4's 0.8 on every third of D's layers, counted over the x path, the z paths (level by
   level), the joint layers and the logit; Flatten is no layer of its own."""
-  table = models.build_architecture('mlp', 2, 1, width=0.125)
-  text = models.build_architecture('mlp', 2, 1, width=0.125, dropout_rates='text')
+  table = architectures.build_architecture('mlp', 2, 1, width=0.125)
+  text = architectures.build_architecture('mlp', 2, 1, width=0.125, dropout_rates='text')
   sections = lambda a: [*a.disc_stages, *a.disc_z_paths, a.disc_joint, (a.disc_logit,)]
   layers = lambda a: [l for s in sections(a) for l in s]
   convs = [l for l in layers(text) if isinstance(l, Conv)]
@@ -134,7 +135,8 @@ def test_mlp_costs_fewer_flops_than_lean_convolutions():
   '28-lean'), L = 2: 'mlp' has ~6.6x the parameters but ~0.8x the forward FLOPs (matrix
   products of 19 M multiply-adds an example against convolutions at 28x28 and 14x14)."""
   def model(arch, z_channels):
-    return models.HALI(models.build_architecture(arch, 2, 1, z_channels=z_channels, z_dim=64))
+    return models.HALI(architectures.build_architecture(arch, 2, 1, z_channels=z_channels,
+                                                        z_dim=64))
 
   mlp, lean = model('mlp', 256), model('28-lean', 4)
   assert flops_per_example(mlp) < 0.9 * flops_per_example(lean)

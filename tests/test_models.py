@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from configs import mnist
+from hali_jax import architectures
 from hali_jax import input_pipeline
 from hali_jax import models
+from hali_jax import ops
 from hali_jax.errors import UserError
 from hali_jax.models import Conv, Res, ToGrid, Upsample
 
@@ -43,7 +45,7 @@ TABLE_4 = dict(
 
 
 def test_arch_128_is_table_4():
-  a = models.build_architecture('128', 2, image_channels=3)
+  a = architectures.build_architecture('128', 2, image_channels=3)
   assert a.image_shape == (128, 128, 3)
   assert a.latent_shapes == ((32, 32, 64), (256,))
   got = dict(encoder_z1_given_x=a.encoder[0], encoder_z2_given_z1=a.encoder[1],
@@ -84,7 +86,7 @@ def table_params(rows, channels_in):
 
 def test_modules_built_hold_table_4s_parameters():
   """The parameter shapes of the networks actually built, against the transcribed table."""
-  model = models.HALI(models.build_architecture('128', 2, image_channels=3))
+  model = models.HALI(architectures.build_architecture('128', 2, image_channels=3))
   x = jnp.zeros((2, 128, 128, 3))
   keys = models.split_keys(jax.random.key(0), 2)
   params = jax.eval_shape(lambda: model.init({'params': jax.random.key(1)}, x, keys))['params']
@@ -111,7 +113,7 @@ def test_modules_built_hold_table_4s_parameters():
 
 
 def test_fewer_downsamplings_keep_table_4_pattern():
-  a = models.build_architecture('32', 2, image_channels=3)
+  a = architectures.build_architecture('32', 2, image_channels=3)
   # One fewer halving from x: the second stride-2 convolution becomes stride 1.
   assert [c.stride for c in a.encoder[0] if isinstance(c, Conv)] == [1, 2, 1, 1]
   assert [u.size for u in a.decoder[0] if isinstance(u, Upsample)] == [32]
@@ -121,7 +123,8 @@ def test_fewer_downsamplings_keep_table_4_pattern():
 
 
 def test_width_scales_hidden_layers_only():
-  a = models.build_architecture('64', 2, image_channels=3, width=0.25, z_channels=8, z_dim=16)
+  a = architectures.build_architecture('64', 2, image_channels=3, width=0.25, z_channels=8,
+                                       z_dim=16)
   assert a.encoder[0][0] == Conv(8)
   assert a.decoder[0][-1] == Conv(3, kernel=1, act='tanh')  # Image channels stay.
   assert a.latent_shapes == ((16, 16, 8), (16,))
@@ -137,7 +140,8 @@ EXPECTED_LATENTS = {  # arch -> (image side, z_1 side); the paper's sizes for 12
 def test_shapes_at_every_level(arch, num_levels):
   side, z1_side = EXPECTED_LATENTS[arch]
   channels = 1 if side == 28 else 3
-  a = models.build_architecture(arch, num_levels, channels, width=0.125, z_channels=8, z_dim=16)
+  a = architectures.build_architecture(arch, num_levels, channels, width=0.125, z_channels=8,
+                                       z_dim=16)
   intermediate = (lambda l: (8,)) if z1_side is None else (lambda l: (z1_side // 2**l,) * 2 + (8,))
   expected = [intermediate(l) for l in range(num_levels - 1)] + [(16,)]
   assert list(a.latent_shapes) == expected
@@ -156,8 +160,8 @@ def test_shapes_at_every_level(arch, num_levels):
 @pytest.mark.parametrize('arch', ['28', '28-lean', '32'])
 def test_any_width_builds(arch):
   """round(4 * 4 * 256 * 0.3) is not a multiple of 16: the grid's channels are rounded instead."""
-  side = models.ARCHITECTURES[arch][0]
-  a = models.build_architecture(arch, 2, 1, width=0.3, z_channels=4, z_dim=8)
+  side = architectures.ARCHITECTURES[arch][0]
+  a = architectures.build_architecture(arch, 2, 1, width=0.3, z_channels=4, z_dim=8)
   model = models.HALI(a)
   x = jnp.zeros((2, side, side, 1))
   keys = models.split_keys(jax.random.key(0), 2)
@@ -168,8 +172,8 @@ def test_any_width_builds(arch):
 
 
 def test_dropout_rates_table_or_text():
-  table = models.build_architecture('128', 2, 3)
-  text = models.build_architecture('128', 2, 3, dropout_rates='text')
+  table = architectures.build_architecture('128', 2, 3)
+  text = architectures.build_architecture('128', 2, 3, dropout_rates='text')
   d_layers = lambda a: [l for s in a.disc_stages for l in s] + list(a.disc_joint) + [a.disc_logit]
   assert [l.dropout for l in d_layers(table)] == (
       [l.dropout for l in TABLE_4['d_x'] + TABLE_4['d_x_z1'] + TABLE_4['d_x_z1_z2']] + [0.5])
@@ -179,11 +183,11 @@ def test_dropout_rates_table_or_text():
       dataclasses.replace(l, dropout=0) for l in d_layers(table)]
   assert text.encoder == table.encoder and text.decoder == table.decoder
   with pytest.raises(UserError, match='dropout_rates'):
-    models.build_architecture('128', 2, 3, dropout_rates='paper')
+    architectures.build_architecture('128', 2, 3, dropout_rates='paper')
 
 
 def test_lean_mnist_keeps_the_papers_ingredients():
-  a = models.build_architecture('28-lean', 2, image_channels=1, z_channels=16, z_dim=64)
+  a = architectures.build_architecture('28-lean', 2, image_channels=1, z_channels=16, z_dim=64)
   layers = [l for net in a.encoder + a.decoder + a.disc_stages for l in net] + list(a.disc_joint)
   assert not any(isinstance(l, Res) for l in layers)  # One convolution per stage.
   generator = [l for net in a.encoder + a.decoder for l in net if isinstance(l, Conv)]
@@ -198,13 +202,13 @@ def test_lean_mnist_keeps_the_papers_ingredients():
 
 def test_depth_and_size_errors():
   with pytest.raises(UserError, match='too deep'):
-    models.build_architecture('28', 5, 1)
+    architectures.build_architecture('28', 5, 1)
   with pytest.raises(UserError, match='num_levels'):
-    models.build_architecture('28', 0, 1)
+    architectures.build_architecture('28', 0, 1)
   with pytest.raises(UserError, match='Unknown model.arch'):
-    models.build_architecture('96', 2, 3)
+    architectures.build_architecture('96', 2, 3)
   with pytest.raises(UserError, match='mean_init'):
-    models.build_architecture('28', 2, 1, mean_init='he')
+    architectures.build_architecture('28', 2, 1, mean_init='he')
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
                               logvar_init=0.0, dropout_rates='table', compute_dtype='float32',
                               mean_init='default', leaky_slope=0.2, input_noise_std=0.2,
@@ -255,8 +259,8 @@ def test_mean_init_default_is_flax_default_and_unit_scales_only_the_mean_heads(a
   before = FlaxDefaultGaussianLayer((3,), -4.0).init(jax.random.key(1), h)
   assert jax.tree.all(jax.tree.map(np.array_equal, ours, before))
 
-  build = lambda **kw: models.build_architecture(arch, 2, 1, width=0.25, z_channels=z_channels,
-                                                 z_dim=8, logvar_init=-4.0, **kw)
+  build = lambda **kw: architectures.build_architecture(
+      arch, 2, 1, width=0.25, z_channels=z_channels, z_dim=8, logvar_init=-4.0, **kw)
   plain, default, unit = (init_params(build(**kw))
                           for kw in ({}, {'mean_init': 'default'}, {'mean_init': 'unit'}))
   assert jax.tree.structure(default) == jax.tree.structure(plain) == jax.tree.structure(unit)
@@ -286,8 +290,8 @@ def test_mean_init_unit_gives_the_top_latent_the_priors_scale(arch, z_channels, 
   keys = models.split_keys(jax.random.key(1), 2)
 
   def top_latent(mean_init):
-    model = models.HALI(models.build_architecture(arch, 2, 1, z_channels=z_channels, z_dim=64,
-                                                  logvar_init=-4.0, mean_init=mean_init))
+    model = models.HALI(architectures.build_architecture(
+        arch, 2, 1, z_channels=z_channels, z_dim=64, logvar_init=-4.0, mean_init=mean_init))
 
     @jax.jit
     def z_top(x):
@@ -313,16 +317,16 @@ def test_standard_normal_draws_jax_random_normals_numbers(partitionable):
   with jax.threefry_partitionable(partitionable):
     for shape, dtype in [((3, 5, 7, 2), jnp.float32), ((6, 9), jnp.bfloat16), ((4,), jnp.float32)]:
       key = jax.random.key(5)
-      drawn = jax.jit(models.standard_normal, static_argnums=(1, 2))(key, shape, dtype)
+      drawn = jax.jit(ops.standard_normal, static_argnums=(1, 2))(key, shape, dtype)
       assert drawn.shape == shape and drawn.dtype == dtype
       np.testing.assert_array_equal(drawn, jax.random.normal(key, shape, dtype))
 
 
 def test_every_random_draw_of_the_model_reaches_xla_flat():
   """threefry's rounds are a while loop over the draw's shape; XLA:CPU unrolled the loop nest of
-  a [B, H, W, C] one into 25-56 times the code (experiments/BENCHMARKS.md). Every draw of the
+  a [B, H, W, C] one into 25-56 times the code (experiments/speed/BENCHMARKS.md). Every draw of the
   training forward pass (noise, Gaussian layers, prior, dropout) must loop over a vector."""
-  a = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  a = architectures.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
   x = jnp.zeros((4, 28, 28, 1))
   keys = models.split_keys(jax.random.key(1), 2)
   model = models.HALI(a)
@@ -349,7 +353,7 @@ def test_step_keys_are_distinct_per_purpose_and_step():
 def test_input_noise_and_dropout_exactly_where_the_paper_puts_them():
   """Sec. 4: Gaussian noise (sigma 0.2) on the inputs of the discriminator (x and every z) and of
   the encoder; dropout in the discriminator only. Each key is varied alone."""
-  a = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  a = architectures.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
   x = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1), minval=-1, maxval=1)
   keys = models.split_keys(jax.random.key(1), 2)
   model = models.HALI(a)
@@ -387,7 +391,7 @@ def test_input_noise_and_dropout_exactly_where_the_paper_puts_them():
 def test_annealed_instance_noise_only_on_d_inputs_and_gone_after_its_steps():
   """Opt-in instance noise: D's input noise std is sqrt(0.2^2 + (s * (1 - step / steps))^2),
   hand-computed for s 0.5 over 100 steps; the encoder's noise and latents never change."""
-  a = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  a = architectures.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
   annealed = models.HALI(a, use_dropout=False, instance_noise_std=0.5, instance_noise_steps=100)
   stds = [float(annealed.discriminator_noise_std(jnp.asarray(s))) for s in (0, 50, 100, 250)]
   np.testing.assert_allclose(stds, [np.sqrt(0.29), np.sqrt(0.1025), 0.2, 0.2], rtol=1e-6)
@@ -407,11 +411,11 @@ def test_annealed_instance_noise_only_on_d_inputs_and_gone_after_its_steps():
 
 
 def test_dropout_drops_at_its_rate_from_few_bits():
-  assert [models.dropout_bits(r) for r in (0.5, 0.25, 0.75, 0.2, 0.8)] == [1, 2, 2, 16, 16]
+  assert [ops.dropout_bits(r) for r in (0.5, 0.25, 0.75, 0.2, 0.8)] == [1, 2, 2, 16, 16]
   h = jnp.ones((1000, 1000))
   for rate in (0.5, 0.2, 0.8):
-    out = models.Dropout(rate).apply({}, h, deterministic=False,
-                                     rngs={'dropout': jax.random.key(0)})
+    out = ops.Dropout(rate).apply({}, h, deterministic=False,
+                                  rngs={'dropout': jax.random.key(0)})
     kept = np.asarray(out != 0)
     # A million units: the kept fraction is within 5 standard deviations of 1 - rate.
     assert abs(kept.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / h.size), rate
@@ -419,7 +423,7 @@ def test_dropout_drops_at_its_rate_from_few_bits():
     # Units are independent: neighbours (which share a random word) agree as often as chance.
     agree = (kept[:, 1:] == kept[:, :-1]).mean()
     assert abs(agree - (rate**2 + (1 - rate)**2)) < 0.005, rate
-  np.testing.assert_array_equal(models.Dropout(0.5).apply({}, h, deterministic=True), h)
+  np.testing.assert_array_equal(ops.Dropout(0.5).apply({}, h, deterministic=True), h)
 
 
 def _lhs_dilations(conv, x, kernel, dy) -> set[str]:
@@ -437,14 +441,14 @@ def _lhs_dilations(conv, x, kernel, dy) -> set[str]:
     ((2, 10, 11, 3), 5, 2, ((2, 1), (0, 3)))])
 def test_strided_convolution_is_lax_with_a_subpixel_input_gradient(x_shape, size, stride,
                                                                      padding, monkeypatch):
-  monkeypatch.setattr(models, 'SUBPIXEL_MIN_SIDE', 0)  # Every side takes the sub-pixel gradient.
+  monkeypatch.setattr(ops, 'SUBPIXEL_MIN_SIDE', 0)  # Every side takes the sub-pixel gradient.
   kx, kw, kd = jax.random.split(jax.random.PRNGKey(1), 3)
   x = jax.random.normal(kx, x_shape)
   kernel = jax.random.normal(kw, (size, size, x_shape[-1], 6))
   lax_conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (stride, stride), padding,
-                                                       dimension_numbers=models._NHWC)
-  ours = lambda x, k: models.conv_general_dilated(x, k, (stride, stride), padding,
-                                                  dimension_numbers=models._NHWC)
+                                                       dimension_numbers=ops._NHWC)
+  ours = lambda x, k: ops.conv_general_dilated(x, k, (stride, stride), padding,
+                                               dimension_numbers=ops._NHWC)
   y, lax_pullback = jax.vjp(lax_conv, x, kernel)
   y_ours, pullback = jax.vjp(ours, x, kernel)
   np.testing.assert_array_equal(y_ours, y)
@@ -465,30 +469,30 @@ def test_a_kernel_covering_its_input_is_a_matrix_product(x_shape, size):
   kx, kw, kd = jax.random.split(jax.random.PRNGKey(2), 3)
   x = jax.random.normal(kx, x_shape)
   kernel = jax.random.normal(kw, size + (x_shape[-1], 6))
-  conv = lambda f: (lambda x, k: f(x, k, (1, 1), 'VALID', dimension_numbers=models._NHWC))
+  conv = lambda f: (lambda x, k: f(x, k, (1, 1), 'VALID', dimension_numbers=ops._NHWC))
   y, lax_pullback = jax.vjp(conv(jax.lax.conv_general_dilated), x, kernel)
-  y_ours, pullback = jax.vjp(conv(models.conv_general_dilated), x, kernel)
+  y_ours, pullback = jax.vjp(conv(ops.conv_general_dilated), x, kernel)
   assert y_ours.shape == y.shape == (x_shape[0], 1, 1, 6)
   np.testing.assert_allclose(y_ours, y, rtol=1e-5, atol=1e-5 * np.abs(y).max())
   dy = jax.random.normal(kd, y.shape)
   for grad, lax_grad in zip(pullback(dy), lax_pullback(dy)):
     np.testing.assert_allclose(grad, lax_grad, rtol=1e-5, atol=1e-5 * np.abs(lax_grad).max())
-  both = jax.jit(lambda x, k: jax.vjp(conv(models.conv_general_dilated), x, k)[1](dy))
+  both = jax.jit(lambda x, k: jax.vjp(conv(ops.conv_general_dilated), x, k)[1](dy))
   assert 'convolution' not in both.lower(x, kernel).as_text()
   # Padded, or smaller than its input: a convolution still.
   for padding, side in ((((1, 0), (0, 0)), x_shape[1:3]), ('VALID', (x_shape[1] + 1, x_shape[2]))):
     x = jnp.ones((1,) + side + x_shape[-1:])
-    ours = jax.jit(lambda x, k: models.conv_general_dilated(x, k, (1, 1), padding,
-                                                            dimension_numbers=models._NHWC))
+    ours = jax.jit(lambda x, k: ops.conv_general_dilated(x, k, (1, 1), padding,
+                                                         dimension_numbers=ops._NHWC))
     assert 'convolution' in ours.lower(x, kernel).as_text()
 
 
 def test_networks_take_the_subpixel_input_gradient_from_side_24():
   """Where it was measured faster (28x28 and up); XLA's own below (14x14 and less)."""
-  conv = lambda x, k: models.conv_general_dilated(x, k, (2, 2), 'SAME',
-                                                  dimension_numbers=models._NHWC)
+  conv = lambda x, k: ops.conv_general_dilated(x, k, (2, 2), 'SAME',
+                                               dimension_numbers=ops._NHWC)
   kernel = jnp.ones((3, 3, 2, 3))
-  for side, dilation in ((models.SUBPIXEL_MIN_SIDE, 1), (models.SUBPIXEL_MIN_SIDE - 1, 2)):
+  for side, dilation in ((ops.SUBPIXEL_MIN_SIDE, 1), (ops.SUBPIXEL_MIN_SIDE - 1, 2)):
     x = jnp.ones((1, side, side, 2))
     dy = jnp.ones(conv(x, kernel).shape)
     assert _lhs_dilations(conv, x, kernel, dy) == {f'lhs_dilate = [{dilation}, {dilation}]'}
@@ -505,11 +509,11 @@ def test_compiler_options_are_for_cpus_whose_xla_accepts_them(monkeypatch):
   others kept, rather than failing every compilation."""
   if jax.default_backend() != 'cpu':
     pytest.skip('options for XLA:CPU')
-  assert models.compiler_options() == models.CPU_COMPILER_OPTIONS
-  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': 'x',
-                                                      'xla_backend_optimization_level': 1})
-  assert models.compiler_options() == {'xla_backend_optimization_level': 1}
-  assert models.compiler_options(options={'xla_cpu_no_such_option': 'x'}) is None
+  assert ops.compiler_options() == ops.CPU_COMPILER_OPTIONS
+  monkeypatch.setattr(ops, 'CPU_COMPILER_OPTIONS', {'xla_cpu_no_such_option': 'x',
+                                                   'xla_backend_optimization_level': 1})
+  assert ops.compiler_options() == {'xla_backend_optimization_level': 1}
+  assert ops.compiler_options(options={'xla_cpu_no_such_option': 'x'}) is None
 
 
 def test_fork_cotangent_splits_the_cotangent_per_example():
@@ -520,10 +524,10 @@ def test_fork_cotangent_splits_the_cotangent_per_example():
   c = jnp.array([10.0, -1.0, 0.0])
 
   def f(y, y_scaled):
-    out, probe = models.fork_cotangent(y, y_scaled)
+    out, probe = ops.fork_cotangent(y, y_scaled)
     return jnp.sum(w * out) + jnp.sum(c * probe)
 
-  out, probe = models.fork_cotangent(y, y + 0)
+  out, probe = ops.fork_cotangent(y, y + 0)
   np.testing.assert_array_equal(out, y)
   np.testing.assert_array_equal(probe, np.zeros(3))
   value, (dy, dy_scaled) = jax.value_and_grad(f, argnums=(0, 1))(y, y)
@@ -541,8 +545,8 @@ def test_discriminators_one_backward_pass_serves_two_losses(arch_name, num_level
   parameters get exactly the gradient of sum(a * logit) and its inputs that of sum(b * logit),
   each from the plain discriminator's own backward pass (train mode, dropout on). 'mlp': through
   its z paths too."""
-  arch = models.build_architecture(arch_name, num_levels, 1, width=0.0625, z_channels=4, z_dim=8,
-                                   dropout_rates=dropout_rates)
+  arch = architectures.build_architecture(arch_name, num_levels, 1, width=0.0625, z_channels=4,
+                                          z_dim=8, dropout_rates=dropout_rates)
   d = models.Discriminator(arch, slope=0.2)
   ks = jax.random.split(jax.random.key(0), 2 + num_levels)
   batch = 6
@@ -583,7 +587,7 @@ def test_discriminators_one_backward_pass_serves_two_losses(arch_name, num_level
 
 
 def test_one_backward_pass_refuses_a_discriminator_with_batch_norm():
-  arch = models.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
+  arch = architectures.build_architecture('28-lean', 2, 1, width=0.125, z_channels=4, z_dim=8)
   stages = (arch.disc_stages[0] + (Conv(4, norm='bn'),),) + arch.disc_stages[1:]
   d = models.Discriminator(dataclasses.replace(arch, disc_stages=stages), slope=0.2)
   x = jnp.zeros((2,) + arch.image_shape)
@@ -595,13 +599,13 @@ def test_one_backward_pass_refuses_a_discriminator_with_batch_norm():
 
 @pytest.mark.parametrize('side,size', [(1, 2), (4, 8), (7, 14), (4, 7)])
 def test_upsampling_is_jax_image_resize(side, size):
-  """models.upsample_bilinear: jax.image.resize's bilinear function and gradient (doubling by
+  """ops.upsample_bilinear: jax.image.resize's bilinear function and gradient (doubling by
   slices and its written-out adjoint; 4 -> 7 by resize itself)."""
   x = jax.random.normal(jax.random.key(0), (3, side, side, 5))
   dy = jax.random.normal(jax.random.key(1), (3, size, size, 5))
   resize = lambda x: jax.image.resize(x, (3, size, size, 5), 'bilinear')
   y, pullback = jax.vjp(resize, x)
-  y_ours, pullback_ours = jax.vjp(lambda x: models.upsample_bilinear(x, size), x)
+  y_ours, pullback_ours = jax.vjp(lambda x: ops.upsample_bilinear(x, size), x)
   np.testing.assert_allclose(y_ours, y, rtol=0, atol=1e-6)
   np.testing.assert_allclose(pullback_ours(dy)[0], pullback(dy)[0], rtol=0, atol=2e-6)
 
@@ -609,5 +613,5 @@ def test_upsampling_is_jax_image_resize(side, size):
 def test_doubling_by_hand():
   """Each output is 3/4 of the nearest input and 1/4 of the next nearest, edges clamped."""
   x = jnp.array([0.0, 1.0, 3.0, 7.0]).reshape(1, 4, 1, 1) * jnp.ones((1, 1, 4, 1))
-  column = models.upsample_bilinear(x, 8)[0, :, 0, 0]
+  column = ops.upsample_bilinear(x, 8)[0, :, 0, 0]
   np.testing.assert_array_equal(column, [0.0, 0.25, 0.75, 1.5, 2.5, 4.0, 6.0, 7.0])

@@ -1,4 +1,4 @@
-"""experiments/pytorch_twin.py: the eager PyTorch twin has hali_jax's networks and train step.
+"""experiments/speed/pytorch_twin.py: the eager PyTorch twin has hali_jax's networks and train step.
 
 Skipped without torch, which hali_jax does not depend on.
 """
@@ -23,9 +23,9 @@ from hali_jax import models
 from tests.test_experiments import mock_data_env
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'experiments'))  # As when the script runs: its sibling modules.
+sys.path.insert(0, str(REPO / 'experiments' / 'speed'))  # As when the script runs: its siblings.
 _SPEC = importlib.util.spec_from_file_location('pytorch_twin',
-                                               REPO / 'experiments' / 'pytorch_twin.py')
+                                               REPO / 'experiments' / 'speed' / 'pytorch_twin.py')
 twin_lib = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(twin_lib)
 
@@ -191,7 +191,7 @@ def test_a_train_step_moves_both_sides():
 
 def test_comparison_reports_both_speeds(tmp_path):
   result = subprocess.run(
-      [sys.executable, 'experiments/pytorch_twin.py', '--config=configs/mnist.py:tiny,lean',
+      [sys.executable, 'experiments/speed/pytorch_twin.py', '--config=configs/mnist.py:tiny,lean',
        f'--output_dir={tmp_path / "twin"}', '--rounds=1', '--round_steps=1', '--warmup_steps=1'],
       cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-5000:]

@@ -17,6 +17,7 @@ import pytest
 from hali_jax import default_config
 from hali_jax import losses
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import step as step_lib
 from hali_jax.errors import UserError
 
@@ -104,6 +105,40 @@ def test_same_seed_gives_bitwise_equal_parameters(two_level):
                                    b.batch_stats))
 
 
+# Three steps of each architecture family from the seed, recorded before models.py was split into
+# architectures.py, models.py and ops.py (issue 28): (sum of |v|, sum of v^2) of every network's
+# parameters and of the batch statistics. Bit for bit on the machine that recorded them; the
+# tolerance leaves room for another CPU's XLA, not for a changed network, initialiser or kernel.
+PINNED_SUMS = {
+    '28': {'decoder': (1324.9102911303235, 630.3695945624287),
+           'discriminator': (2000.3852772036853, 332.7216955963045),
+           'encoder': (2631.08691014319, 444.9970680304866),
+           'batch_stats': (469.87172913752147, 409.60019897620816)},
+    '28-lean': {'decoder': (491.7097128764308, 279.49814772898475),
+                'discriminator': (542.5444721515623, 129.90096178200756),
+                'encoder': (370.39296877751804, 106.86556102984699),
+                'batch_stats': (159.15936006850097, 142.61787520979937)},
+    # The mlp's numbers since its D drops 20% everywhere (the same before and after the split).
+    'mlp': {'decoder': (6820.283652060843, 1331.278316453173),
+            'discriminator': (3647.4695934747083, 640.7265926496933),
+            'encoder': (3089.0717990212215, 558.2021163163253),
+            'batch_stats': (507.105131818942, 452.4261244173897)},
+}
+
+
+@pytest.mark.parametrize('arch', sorted(PINNED_SUMS))
+def test_trained_parameters_match_the_numbers_pinned_before_the_split(arch):
+  config = tiny_config()
+  config.model.update(arch=arch, z_channels=16 if arch == 'mlp' else 4)
+  mesh = step_lib.make_mesh()
+  _, state, train_step = make_trainer(config, mesh)
+  state, _ = run(train_step, state, mesh)
+  for name, tree in {**state.params, 'batch_stats': state.batch_stats}.items():
+    leaves = [np.asarray(v, np.float64) for v in jax.tree.leaves(tree)]
+    sums = (sum(np.abs(v).sum() for v in leaves), sum((v**2).sum() for v in leaves))
+    np.testing.assert_allclose(sums, PINNED_SUMS[arch][name], rtol=1e-5, err_msg=name)
+
+
 @pytest.mark.parametrize('num_levels,update', [(1, 'sequential'), (3, 'simultaneous')])
 def test_other_depths_train(num_levels, update):
   mesh = step_lib.make_mesh()
@@ -165,7 +200,7 @@ def test_state_initializer_compiles_unoptimised_on_cpus_to_the_same_state(two_le
   initial state to rounding as XLA's defaults give."""
   mesh, model, state, _ = two_level
   if jax.default_backend() == 'cpu':
-    assert models.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS) == {
+    assert ops.compiler_options(mesh, step_lib.INIT_COMPILER_OPTIONS) == {
         'xla_backend_optimization_level': 0}
   config = tiny_config()
   tx_g, tx_d = step_lib.make_optimizers(config)
@@ -174,7 +209,7 @@ def test_state_initializer_compiles_unoptimised_on_cpus_to_the_same_state(two_le
   # suite where this XLA has the older ones; with those this compile takes twice as long (40
   # instead of 19 s).
   defaults = {'xla_backend_optimization_level': 3, 'xla_cpu_use_fusion_emitters': True}
-  optimised = jax.jit(init, compiler_options=models.compiler_options(mesh, defaults))()
+  optimised = jax.jit(init, compiler_options=ops.compiler_options(mesh, defaults))()
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(optimised)):
     if jnp.issubdtype(a.dtype, jnp.floating):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -371,7 +406,7 @@ def _compiled_step(model, state, mesh, update='simultaneous') -> str:
 
 
 def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
-  """models.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
+  """ops.CPU_COMPILER_OPTIONS reach the train step's compiler: XLA's own convolutions run
   every layer, where XLA would give them to its slower YNNPACK kernels by default."""
   if jax.default_backend() != 'cpu':
     pytest.skip('options for XLA:CPU')
@@ -379,7 +414,7 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
   model, state, _ = make_trainer(tiny_config(), mesh)
   total, in_ynn = _convolutions(_compiled_step(model, state, mesh))  # Forward and both gradients.
   assert total >= 30 and in_ynn == 0, (total, in_ynn)
-  monkeypatch.setattr(models, 'CPU_COMPILER_OPTIONS', {})  # XLA's defaults.
+  monkeypatch.setattr(ops, 'CPU_COMPILER_OPTIONS', {})  # XLA's defaults.
   total, in_ynn = _convolutions(_compiled_step(model, state, mesh))
   assert in_ynn >= 14, (total, in_ynn)
 
@@ -387,7 +422,7 @@ def test_cpu_train_step_keeps_convolutions_off_ynnpack(monkeypatch):
 def test_simultaneous_step_runs_the_discriminators_backward_pass_once(two_level):
   """In the compiled simultaneous step every convolution of D has one input gradient (one
   backward-data pass for both losses), and XLA computes each forward convolution once; each of
-  D's dense layers (the 4 x 4 and 1 x 1 layers on 1 x 1 inputs, models.conv_general_dilated's
+  D's dense layers (the 4 x 4 and 1 x 1 layers on 1 x 1 inputs, ops.conv_general_dilated's
   matrix products) has one input and one weight gradient. The sequential update's two forward
   passes and two pullbacks have all but one convolution's input gradient twice (L_d's pullback
   needs no gradient of D's input) and every dense layer's input gradient twice."""

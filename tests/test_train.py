@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 from pathlib import Path
+import re
 import shutil
 import signal
 import socket
@@ -30,7 +31,7 @@ from tensorboardX.proto import event_pb2
 from configs import mnist
 from hali_jax import checkpoint
 from hali_jax import methods
-from hali_jax import models
+from hali_jax import ops
 from hali_jax import probes
 from hali_jax import train
 from hali_jax import workdir_lock
@@ -229,22 +230,22 @@ def test_ema_is_checkpointed_resumed_and_restored_for_analysis(tmp_path):
 
 def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_check(
     tmp_path, monkeypatch):
-  """config.quick_compile (which `tiny` sets) asks for models.QUICK_COMPILER_OPTIONS for the
+  """config.quick_compile (which `tiny` sets) asks for ops.QUICK_COMPILER_OPTIONS for the
   state's initializer, the step, the evaluation, the probes and the finiteness check, and XLA
   accepts them (jaxlib 0.11's has no older fusion emitters to choose)."""
-  compiler_options, asked = models.compiler_options, []
+  compiler_options, asked = ops.compiler_options, []
 
   def spy(mesh=None, options=None, quick=False):
     asked.append(quick)
     return compiler_options(mesh, options, quick)
 
-  monkeypatch.setattr(models, 'compiler_options', spy)
+  monkeypatch.setattr(ops, 'compiler_options', spy)
   assert tiny_config().quick_compile and not mnist.get_config().quick_compile
   with mock_tfds(MOCK_EXAMPLES):
     train.train_and_evaluate(tiny_config(num_train_steps=2), str(tmp_path))
   assert asked == [True] * 5, asked
   if jax.default_backend() == 'cpu':
-    expected = {**models.CPU_COMPILER_OPTIONS, **models.QUICK_COMPILER_OPTIONS}
+    expected = {**ops.CPU_COMPILER_OPTIONS, **ops.QUICK_COMPILER_OPTIONS}
     if not XLA_HAS_OLDER_EMITTERS:
       del expected['xla_cpu_use_fusion_emitters']
     assert compiler_options(quick=True) == expected
@@ -433,15 +434,26 @@ def test_bad_input(changes, match, tmp_path):
   assert not (tmp_path / 'workdir').exists()
 
 
+def test_a_workdir_that_is_a_file_or_cannot_be_made_is_a_user_error(tmp_path):
+  a_file = tmp_path / 'a_file'
+  a_file.write_text('')
+  for workdir, problem in ((a_file, 'is a file'), (a_file / 'run', 'cannot be created')):
+    with mock_tfds(MOCK_EXAMPLES), pytest.raises(UserError, match=f'--workdir=.* {problem}'):
+      train.train_and_evaluate(tiny_config(), str(workdir))
+
+
 def test_main_reports_bad_input_without_traceback(tmp_path):
+  (tmp_path / 'a_file').write_text('')
   for flags, message in [
       (['--config.num_train_steps=0'], 'error: config.num_train_steps=0 is not valid'),
-      (['--config.no_such_field=1'], "error: --config has no field 'no_such_field'")]:
+      (['--config.no_such_field=1'], "error: --config has no field 'no_such_field'"),
+      ([f'--log_dir={tmp_path / "a_file"}'], 'error: --log_dir=.*a_file is a file')]:
     result = subprocess.run(main_command(tmp_path / 'workdir', *flags), cwd=REPO, text=True,
                             capture_output=True, env=subprocess_env(),
                             timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr, result.stderr[-3000:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +464,7 @@ def test_main_reports_bad_input_without_traceback(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   command = main_command(tmp_path, '--config.num_train_steps=100000',
                          '--config.checkpoint_every_steps=100000',
-                         '--config.eval_every_steps=100000')
+                         '--config.eval_every_steps=100000', f'--log_dir={tmp_path / "logs"}')
   process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT,
                              env={**subprocess_env(),
@@ -476,6 +488,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   # The console holds the program's lines, not the libraries' notices about themselves.
   assert 'steps/s  ETA' in log
   assert 'Unable to initialize backend' not in log and 'OpenCV' not in log
+  # For people: the messages without absl's prefix (date, thread id, file), warnings marked;
+  # the log file keeps the prefix.
+  absl_prefix = r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] '
+  assert re.search(r'^step 2/100000  ', log, re.M) and not re.search(absl_prefix, log, re.M)
+  assert re.search(r'^warning: Got SIGTERM: saving a checkpoint', log, re.M), log[-3000:]
+  logged = (tmp_path / 'logs' / 'hali_jax.log').read_text()
+  assert re.search(absl_prefix + 'step 2/100000  ', logged, re.M), logged[-3000:]
+  assert re.search(r'^W\d{4} .*\] Got SIGTERM', logged, re.M)
 
 
 def test_real_mnist_without_tensorflow(tmp_path, shared_tfds):

@@ -1,19 +1,19 @@
 """An eager PyTorch twin of hali_jax's networks and train step, and both steps' speeds (issue 10).
 
-  python experiments/pytorch_twin.py --config=configs/mnist.py:lean [--config.data_dir=...]
+  python experiments/speed/pytorch_twin.py --config=configs/mnist.py:lean [--config.data_dir=...]
       [--rounds=5] [--round_steps=10] [--warmup_steps=3] [--timed=both|jax|torch]
       [--output_dir=DIR]
 
 Needs torch, which hali_jax does not depend on (pip install torch).
 
-The twin interprets the same `models.Architecture` as the flax modules (the same layer specs, so
-the same layer list), one torch module per flax module, with flax's semantics: XLA's 'SAME'
-padding (asymmetric for stride 2 on even sides), batch norm with flax's momentum and epsilon,
-weight norm with one scale per output feature, bilinear upsampling as jax.image.resize's, input
-noise on the encoder's input and on every discriminator input, one discriminator pass over both
-joints. Its step is Algorithm 1's simultaneous update as in hali_jax/step.py: one forward pass,
-the gradient of L_d with respect to D and of L_g with respect to the encoder and decoder from the
-same graph, one Adam per side. tests/test_pytorch_twin.py checks that, with flax's parameters
+The twin interprets the same `architectures.Architecture` as the flax modules (the same layer
+specs, so the same layer list), one torch module per flax module, with flax's semantics: XLA's
+'SAME' padding (asymmetric for stride 2 on even sides), batch norm with flax's momentum and
+epsilon, weight norm with one scale per output feature, bilinear upsampling as
+jax.image.resize's, input noise on the encoder's input and on every discriminator input, one
+discriminator pass over both joints. Its step is Algorithm 1's simultaneous update as in
+hali_jax/step.py: one forward pass, the gradient of L_d with respect to D and of L_g with respect
+to the encoder and decoder from the same graph, one Adam per side. tests/test_pytorch_twin.py checks that, with flax's parameters
 copied in (`load_flax`), the twin computes the same functions.
 One difference, outside the step's function: torch's batch norm updates its running variance
 with the unbiased batch variance, flax's with the biased one (a factor n / (n - 1) on the new
@@ -31,7 +31,7 @@ Reports, as a markdown table (printed, and DIR/pytorch_twin.md) and JSON (DIR/py
     rate) and their ratio jax / torch. With --timed=jax or --timed=torch only that step runs
     (the other's threads and memory stay idle: the ratio then comes from two processes; on our
     2-core VM, torch's steps made the jax step's page faults several times as costly in a
-    shared process, experiments/BENCHMARKS.md). The
+    shared process, experiments/speed/BENCHMARKS.md). The
     jax step is the training program's (its metrics and divergence guard included); the twin's
     computes the two losses and the updates only.
 """
@@ -55,6 +55,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import report_table
+from hali_jax import architectures
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
@@ -64,7 +65,7 @@ from hali_jax.errors import UserError
 
 # configs/*.py import the `configs` package: make the repository root importable, as
 # `python -m hali_jax.main` run from it does.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config, as for hali_jax.main.')
 flags.DEFINE_string('output_dir', None, 'Where pytorch_twin.md and pytorch_twin.json go '
@@ -129,14 +130,15 @@ def _batch_norm_state(params: dict, stats: dict) -> dict:
 
 
 class ConvLayer(nn.Module):
-  """A `models.Conv` row, as in models.Stack: dropout on the input, conv, batch/weight norm, act.
+  """An `architectures.Conv` row, as in models.Stack: dropout on the input, conv, batch/weight
+  norm, act.
 
   `names` are the flax submodules' names in the enclosing Stack: (conv, weight norm, batch norm),
   None where the row has none.
   """
 
-  def __init__(self, spec: models.Conv, in_channels: int, slope: float, use_dropout: bool,
-               names: tuple[str, str | None, str | None]):
+  def __init__(self, spec: architectures.Conv, in_channels: int, slope: float,
+               use_dropout: bool, names: tuple[str, str | None, str | None]):
     super().__init__()
     self.spec, self.names = spec, names
     self.dropout = spec.dropout if use_dropout else 0.0
@@ -241,15 +243,15 @@ class Stack(nn.Module):
 
     layers, channels = [], in_channels
     for spec in specs:
-      if isinstance(spec, models.Conv):
+      if isinstance(spec, architectures.Conv):
         names = (name('Conv'), name('WeightNorm') if spec.norm == 'wn' else None,
                  name('BatchNorm') if spec.norm == 'bn' else None)
         layers.append(ConvLayer(spec, channels, slope, use_dropout, names))
-      elif isinstance(spec, models.Res):
+      elif isinstance(spec, architectures.Res):
         layers.append(ResBlock(channels, spec.features, slope, name('ResBlock')))
-      elif isinstance(spec, models.Upsample):
+      elif isinstance(spec, architectures.Upsample):
         layers.append(Upsample(spec.size, channels))
-      elif isinstance(spec, models.ToGrid):
+      elif isinstance(spec, architectures.ToGrid):
         layers.append(ToGrid(spec.side, channels))
       else:
         raise TypeError(f'Unknown layer spec {spec!r}')
@@ -325,7 +327,7 @@ def _levels_state(levels: nn.ModuleList, params: dict, stats: dict) -> dict:
 class Encoder(nn.Module):
   """models.Encoder: x -> z_1 -> ... -> z_L."""
 
-  def __init__(self, arch: models.Architecture, slope: float):
+  def __init__(self, arch: architectures.Architecture, slope: float):
     super().__init__()
     inputs = [arch.image_shape[-1]] + [shape[-1] for shape in arch.latent_shapes[:-1]]
     self.levels = nn.ModuleList(
@@ -346,7 +348,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   """models.Decoder: z_L -> ... -> z_1 -> x, the last kernel a deterministic tanh image."""
 
-  def __init__(self, arch: models.Architecture, slope: float):
+  def __init__(self, arch: architectures.Architecture, slope: float):
     super().__init__()
     shapes = arch.latent_shapes
     self.to_image = Stack(arch.decoder[0], shapes[0][-1], slope)
@@ -373,7 +375,7 @@ class Discriminator(nn.Module):
   """models.Discriminator: one stack per level, z_l concatenated on the channels stage by stage,
   the joint stack, the logit; returns the logits [B]."""
 
-  def __init__(self, arch: models.Architecture, slope: float, use_dropout: bool):
+  def __init__(self, arch: architectures.Architecture, slope: float, use_dropout: bool):
     super().__init__()
     stack = functools.partial(Stack, slope=slope, use_dropout=use_dropout)
     z_channels = [shape[-1] for shape in arch.latent_shapes]
@@ -406,7 +408,7 @@ NETWORKS = ('encoder', 'decoder', 'discriminator')
 class HALI(nn.Module):
   """models.HALI: the three networks and Algorithm 1's sampling pass."""
 
-  def __init__(self, arch: models.Architecture, slope: float, input_noise_std: float,
+  def __init__(self, arch: architectures.Architecture, slope: float, input_noise_std: float,
                use_dropout: bool):
     super().__init__()
     if arch.compute_dtype != 'float32':

@@ -1,6 +1,6 @@
 """How fast the training program runs a config: steps/s, compile times, FLOPs, input pipeline.
 
-  python experiments/benchmark.py --config=configs/mnist.py [--config.batch_size=64 ...]
+  python experiments/speed/benchmark.py --config=configs/mnist.py [--config.batch_size=64 ...]
       [--output_dir=DIR] [--windows=5] [--window_steps=20] [--pipeline_batches=50]
 
 Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/benchmark.json):
@@ -23,7 +23,7 @@ Reports, as a markdown table (printed, and DIR/benchmark.md) and JSON (DIR/bench
     it (the MFU of a bfloat16 config);
   * with --profile_steps=N, where the time goes: each XLA op kind's share of the op time summed
     over N steps traced by jax.profiler (kind: the HLO op's name without its number). On a CPU,
-    XLA's own convolutions (models.CPU_COMPILER_OPTIONS) run on a thread pool after their op
+    XLA's own convolutions (ops.CPU_COMPILER_OPTIONS) run on a thread pool after their op
     returns, so the trace holds only their dispatch: the shares are those of the other ops;
   * with --time_convolutions, the convolutions' part: every convolution of the compiled train
     step compiled and timed alone (its operands' shapes, window and compiler options), in
@@ -59,13 +59,14 @@ import report_table
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import step as step_lib
 from hali_jax import train
 from hali_jax.errors import UserError
 
 # configs/*.py import the `configs` package: make the repository root importable, as
 # `python -m hali_jax.main` run from it does.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config, as for hali_jax.main.')
 flags.DEFINE_string('output_dir', None, 'Where benchmark.md and benchmark.json go (optional).')
@@ -191,10 +192,10 @@ def convolution_times(hlo_text: str, images_per_pass: tuple[int, ...]) -> dict:
     conv = functools.partial(
         jax.lax.conv_general_dilated, window_strides=pairs(fields.get('stride')), padding=pads,
         lhs_dilation=pairs(fields.get('lhs_dilate')), rhs_dilation=pairs(fields.get('rhs_dilate')),
-        dimension_numbers=models._NHWC)
+        dimension_numbers=ops._NHWC)
     dtype = {'f32': jnp.float32, 'bf16': jnp.bfloat16}[dtype]
     args = (jnp.ones(lhs, dtype), jnp.ones(rhs, dtype))
-    compiled = jax.jit(conv, compiler_options=models.compiler_options()).lower(*args).compile()
+    compiled = jax.jit(conv, compiler_options=ops.compiler_options()).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
     ms = 1e3 * statistics.median(timed(lambda: compiled(*args))[1] for _ in range(10))
     cost = compiled.cost_analysis()

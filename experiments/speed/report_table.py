@@ -6,6 +6,7 @@ import os
 import sys
 from typing import Callable
 
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 
@@ -22,7 +23,6 @@ def markdown(report: dict) -> str:
 
 def write(report: dict, output_dir: str, name: str) -> None:
   """output_dir/name.md and output_dir/name.json."""
-  os.makedirs(output_dir, exist_ok=True)
   with open(os.path.join(output_dir, f'{name}.md'), 'w') as f:
     f.write(markdown(report))
   with open(os.path.join(output_dir, f'{name}.json'), 'w') as f:
@@ -33,11 +33,13 @@ def measure_and_report(measure: Callable[[], dict], name: str, output_dir: str |
   """Runs a script's measure() (a bad config: one 'error:' line, exit status 2), adds the
   command line to its report, prints the table and writes output_dir/name.md and .json."""
   try:
+    if output_dir:  # Checked before measuring, which takes minutes.
+      make_directory(output_dir, '--output_dir')
     report = measure()
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  report['command'] = ' '.join(['python', f'experiments/{name}.py'] + sys.argv[1:])
+  report['command'] = ' '.join(['python', f'experiments/speed/{name}.py'] + sys.argv[1:])
   print(markdown(report))
   if output_dir:
     write(report, output_dir, name)

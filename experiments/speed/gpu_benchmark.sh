@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed issue's GPU measurements in one device call (experiments/BENCHMARKS.md, "GPU"):
+# The speed issue's GPU measurements in one device call (experiments/speed/BENCHMARKS.md, "GPU"):
 # the benchmark for celeba (128) and cifar10 in float32 and bfloat16, on synthetic images
 # (CelebA is not here, and CIFAR-10's 139 MB exceed what a call carries), then configs/mnist.py
 # on its real data, for the input pipeline beside the device-resident step.
@@ -7,9 +7,9 @@
 # Here, once:  ../shared/device/prepare.sh mnist        (fills the git-ignored .whl/ and .data/)
 # Device call: carry [".whl", ".data"], timeout_s 600 (the runs go in order of importance, each
 # stopped at 150 s), command
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD TFDS_DATA_DIR=$PWD/.data || exit; bash experiments/gpu_benchmark.sh
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD TFDS_DATA_DIR=$PWD/.data || exit; bash experiments/speed/gpu_benchmark.sh
 # Back in $OUT: one JSON report per run and log.txt (the tables, or why a run failed).
-# Arguments are added to every run: `bash experiments/gpu_benchmark.sh --windows=1
+# Arguments are added to every run: `bash experiments/speed/gpu_benchmark.sh --windows=1
 # --window_steps=1 --pipeline_batches=2 --config.batch_size=2` tries the script on a CPU.
 set -u
 out=${OUT:-/tmp/gpu_benchmark}
@@ -24,7 +24,7 @@ run() {  # run NAME BENCHMARK_FLAGS...: $out/NAME.json, and the table or the err
   shift
   echo "== $name: $*" >> "$out/log.txt"
   SECONDS=0
-  timeout 150 "$python" experiments/benchmark.py --output_dir="$dir" "$@" >> "$out/log.txt" 2>&1 \
+  timeout 150 "$python" experiments/speed/benchmark.py --output_dir="$dir" "$@" >> "$out/log.txt" 2>&1 \
     && cp "$dir/benchmark.json" "$out/$name.json"
   echo "== $name: exit status $?, $SECONDS s" >> "$out/log.txt"
 }

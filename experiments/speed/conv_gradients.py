@@ -1,18 +1,18 @@
 """How the CPU computes the configs' convolutions and their gradients, layer by layer: what
-`models.SUBPIXEL_MIN_SIDE` and `models.CPU_COMPILER_OPTIONS` are chosen from.
+`ops.SUBPIXEL_MIN_SIDE` and `ops.CPU_COMPILER_OPTIONS` are chosen from.
 
-  python experiments/conv_gradients.py [--repeats=30] [--shapes=BxSIDExCINxCOUT,...]
+  python experiments/speed/conv_gradients.py [--repeats=30] [--shapes=BxSIDExCINxCOUT,...]
       [--library_shapes=BxSIDExCINxCOUT,...] [--output_dir=DIR]
 
 --shapes (batch, side, channels in -> out; 3x3 kernel, stride 2, 'SAME'): the median
 milliseconds of the jitted input gradient as XLA's transposed convolution and as
-`models._subpixel_input_gradient`, their ratio, and the largest difference between the two
+`ops.subpixel_input_gradient`, their ratio, and the largest difference between the two
 (relative to the gradient's largest entry), both compiled as the train step is.
 
 --library_shapes (3x3, stride 1, 'SAME'): the median milliseconds of the forward convolution and
 of both its gradients, compiled with XLA's default options (convolutions in YNNPACK) and with
-models.CPU_COMPILER_OPTIONS (XLA's own, Eigen, convolutions). The train step's own before/after
-is experiments/benchmark.py's.
+ops.CPU_COMPILER_OPTIONS (XLA's own, Eigen, convolutions). The train step's own before/after
+is experiments/speed/benchmark.py's.
 """
 
 import statistics
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import report_table
-from hali_jax import models
+from hali_jax import ops
 
 flags.DEFINE_integer('repeats', 30, 'Timed calls per measurement; the median is reported.')
 # batch x side x channels in x channels out: D sees batches of 200 (both joints), the encoder
@@ -38,7 +38,7 @@ flags.DEFINE_list('shapes', ['100x28x32x32', '200x28x32x32', '100x32x32x64', '20
 flags.DEFINE_list('library_shapes', ['100x28x32x32', '100x14x64x64', '200x14x64x48',
                                      '100x4x256x256', '100x32x64x64', '200x16x128x128',
                                      '100x8x256x256'],
-                  'Stride-1 shapes to measure with and without models.CPU_COMPILER_OPTIONS.')
+                  'Stride-1 shapes to measure with and without ops.CPU_COMPILER_OPTIONS.')
 flags.DEFINE_string('output_dir', None, 'Where conv_gradients.md and .json go (optional).')
 FLAGS = flags.FLAGS
 
@@ -59,13 +59,13 @@ def measure(batch: int, side: int, c_in: int, c_out: int) -> dict:
   x = jax.random.normal(key_x, (batch, side, side, c_in))
   kernel = jax.random.normal(key_w, (3, 3, c_in, c_out))
   conv = lambda x: jax.lax.conv_general_dilated(x, kernel, (2, 2), 'SAME',
-                                                dimension_numbers=models._NHWC)
+                                                dimension_numbers=ops._NHWC)
   dy = jax.random.normal(key_dy, conv(x).shape)
   pads = jax.lax.padtype_to_pads(x.shape[1:3], (3, 3), (2, 2), 'SAME')
   xla = lambda dy: jax.vjp(conv, x)[1](dy)[0]
-  subpixel = lambda dy: models._subpixel_input_gradient(dy, kernel, x.shape, (2, 2), pads)
+  subpixel = lambda dy: ops.subpixel_input_gradient(dy, kernel, x.shape, (2, 2), pads)
   reference = xla(dy)
-  options = models.compiler_options()  # As the train step is compiled.
+  options = ops.compiler_options()  # As the train step is compiled.
   xla_ms = milliseconds(xla, dy, compiler_options=options)
   subpixel_ms = milliseconds(subpixel, dy, compiler_options=options)
   return dict(xla_ms=xla_ms, subpixel_ms=subpixel_ms, subpixel_over_xla=subpixel_ms / xla_ms,
@@ -78,11 +78,11 @@ def measure_libraries(batch: int, side: int, c_in: int, c_out: int) -> dict:
   x = jax.random.normal(key_x, (batch, side, side, c_in))
   kernel = jax.random.normal(key_w, (3, 3, c_in, c_out))
   conv = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME',
-                                                        dimension_numbers=models._NHWC)
+                                                        dimension_numbers=ops._NHWC)
   gradients = jax.grad(lambda x, kernel: jnp.sum(conv(x, kernel)), argnums=(0, 1))
   report = {}
   for name, options in (('xla_defaults', None), ('cpu_compiler_options',
-                                                 models.CPU_COMPILER_OPTIONS)):
+                                                 ops.CPU_COMPILER_OPTIONS)):
     report[f'forward_ms_{name}'] = milliseconds(conv, x, kernel, compiler_options=options)
     report[f'gradients_ms_{name}'] = milliseconds(gradients, x, kernel, compiler_options=options)
   gflop = 2 * batch * side * side * 9 * c_in * c_out / 1e9
