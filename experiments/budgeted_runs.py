@@ -28,8 +28,8 @@ def train(name: str, workdir: str, config: str, minutes: float, max_steps: int,
           every_steps: int, overrides: list[str]) -> dict:
   """Trains (or resumes) one model with `python -m hali_jax.main --config=CONFIG` within what is
   left of its `minutes` (or up to `max_steps`), checkpointing and evaluating every `every_steps`;
-  returns its time record, kept in WORKDIR/study_time.json. A model whose budget is spent is not
-  trained again."""
+  returns its time record, kept in WORKDIR/study_time.json. A model whose budget is spent, or
+  which has reached `max_steps`, is not trained again."""
   time_path = os.path.join(workdir, TIME_FILE)
   record = dict(seconds=0.0)
   if os.path.exists(time_path):
@@ -38,6 +38,9 @@ def train(name: str, workdir: str, config: str, minutes: float, max_steps: int,
   left = minutes - record['seconds'] / 60
   if left <= 0:
     logging.info('%s: its %g minutes are spent; not training again.', name, minutes)
+    return record
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')) and last_step(workdir) >= max_steps:
+    logging.info('%s: it has reached step %d; not training again.', name, max_steps)
     return record
   start = time.monotonic()
   run(['-m', 'hali_jax.main', f'--config={config}', f'--workdir={workdir}',
@@ -53,5 +56,6 @@ def train(name: str, workdir: str, config: str, minutes: float, max_steps: int,
 
 
 def last_step(workdir: str) -> int:
-  """The step of a run's latest checkpoint."""
-  return max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  """The step of a run's latest checkpoint (0: none)."""
+  return max((int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()),
+             default=0)

@@ -373,12 +373,12 @@ def test_semisup_study_end_to_end(tmp_path):
   """The semi-supervised comparison on a tiny budget: each run trains in its own process (mock
   data), and the summary gathers every run's errors, refits and baselines from test_errors.json."""
   out = tmp_path / 'semisup'
-  result = subprocess.run(
-      [sys.executable, 'experiments/semisup_study.py', f'--output_dir={out}',
-       '--config_options=tiny', '--max_steps_per_model=2', '--eval_every_steps=1',
-       '--models=labels_only,hali', '--label_seeds=0,1', '--held_out_examples=5',
-       '--overrides=--config.semisup.labels_per_class=1,--config.semisup.batch_size=4'],
-      cwd=REPO, env=mock_data_env(tmp_path), capture_output=True, text=True, timeout=900)
+  command = [sys.executable, 'experiments/semisup_study.py', f'--output_dir={out}',
+             '--config_options=tiny', '--max_steps_per_model=2', '--eval_every_steps=1',
+             '--models=labels_only,hali', '--label_seeds=0,1', '--held_out_examples=5',
+             '--overrides=--config.semisup.labels_per_class=1,--config.semisup.batch_size=4']
+  env = mock_data_env(tmp_path)
+  result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-5000:]
   summary = (out / 'summary.md').read_text()
   for run in ('labels_only_seed0', 'hali_seed0', 'labels_only_seed1', 'hali_seed1'):
@@ -389,3 +389,8 @@ def test_semisup_study_end_to_end(tmp_path):
     assert f'- {run}: 1: {first["test_errors"]} ({first["held_out/test_errors"]}), 2: ' in summary
   assert json.loads((out / 'labels_only_seed0' / 'test_errors.json').read_text())[
       'adversarial'] is False
+  # Again: every run has reached its steps, so none trains again and the summary is the same.
+  rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-5000:]
+  assert 'not training again' in rerun.stderr
+  assert (out / 'summary.md').read_text() == summary
