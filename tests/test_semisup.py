@@ -14,6 +14,7 @@ from hali_jax import default_config
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
+from hali_jax import ops
 from hali_jax import semisup
 from hali_jax import step as step_lib
 from hali_jax import train
@@ -230,7 +231,7 @@ def test_the_default_term_is_weight_times_eq_10_with_its_former_keys(ali):
   choice_key, noise_key, encoder_key = jax.random.split(key, 3)
   chosen = jax.random.choice(choice_key, 20, (ali.config.semisup.batch_size,), replace=False)
   x = labelled['image'][np.asarray(chosen)]
-  x = x + ali.model.input_noise_std * models.standard_normal(noise_key, x.shape, x.dtype)
+  x = x + ali.model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
   params = ali.state.params
   levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
       {'params': params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']}, x,

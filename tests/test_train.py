@@ -288,8 +288,8 @@ def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path
     events.unlink()
   real = methods.make_train_step
 
-  def poisoned(config, model, mesh):
-    step = real(config, model, mesh)
+  def poisoned(config, model, mesh, labelled=None):
+    step = real(config, model, mesh, labelled)
 
     def poisoned_step(state, batch):
       poison = np.nan if int(state.step) + 1 in poisoned_steps else 1.0
