@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import time
+from typing import Sequence
 
 from absl import logging
 
+from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,12 +26,24 @@ def run(command: list[str]) -> None:
                     'its messages are above.')
 
 
-def train(name: str, workdir: str, config: str, minutes: float, max_steps: int,
-          every_steps: int, overrides: list[str]) -> dict:
-  """Trains (or resumes) one model with `python -m hali_jax.main --config=CONFIG` within what is
-  left of its `minutes` (or up to `max_steps`), checkpointing and evaluating every `every_steps`;
-  returns its time record, kept in WORKDIR/study_time.json. A model whose budget is spent, or
-  which has reached `max_steps`, is not trained again."""
+def output_dir(path: str | None, minutes: float) -> str:
+  """A study's --output_dir, created, after its flags are checked: one line for a missing
+  directory, a budget that is not positive, or a path that cannot be a directory."""
+  if not path:
+    raise UserError('--output_dir=DIR is required: the study writes its runs and results there.')
+  if minutes <= 0:
+    raise UserError(f'--minutes_per_model={minutes} must be positive.')
+  return make_directory(os.path.abspath(path), '--output_dir')
+
+
+def train(name: str, workdir: str, config_file: str, options: Sequence[str], *, minutes: float,
+          max_steps: int, every_steps: int, seed: int, data_dir: str | None,
+          overrides: Sequence[str] = ()) -> dict:
+  """Trains (or resumes) one model with `python -m hali_jax.main --config=CONFIG_FILE:OPTIONS`
+  (seed, data dir and `overrides` on the command line) within what is left of its `minutes` (or
+  up to `max_steps`), checkpointing and evaluating every `every_steps`; returns its time record,
+  kept in WORKDIR/study_time.json. A model whose budget is spent, or which has reached
+  `max_steps`, is not trained again."""
   time_path = os.path.join(workdir, TIME_FILE)
   record = dict(seconds=0.0)
   if os.path.exists(time_path):
@@ -43,7 +57,10 @@ def train(name: str, workdir: str, config: str, minutes: float, max_steps: int,
     logging.info('%s: it has reached step %d; not training again.', name, max_steps)
     return record
   start = time.monotonic()
-  run(['-m', 'hali_jax.main', f'--config={config}', f'--workdir={workdir}',
+  options = ','.join(o for o in options if o)
+  data = [f'--config.data_dir={data_dir}'] if data_dir else []
+  run(['-m', 'hali_jax.main', f'--config={config_file}{":" + options if options else ""}',
+       f'--workdir={workdir}', f'--config.seed={seed}', *data,
        f'--config.num_train_steps={max_steps}', f'--config.stop_after_minutes={left}',
        f'--config.checkpoint_every_steps={every_steps}',
        f'--config.eval_every_steps={every_steps}', '--config.checkpoint_max_to_keep=1000',

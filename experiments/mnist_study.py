@@ -28,8 +28,6 @@ from absl import logging
 
 import budgeted_runs
 import common
-from hali_jax.errors import make_directory
-from hali_jax.errors import UserError
 
 flags.DEFINE_float('minutes_per_model', 20.0, 'Wall-clock training budget of each model.')
 flags.DEFINE_integer('max_steps_per_model', 100_000, 'Stop a model at this step if its time '
@@ -53,18 +51,19 @@ MODELS = {  # name -> (config options, extra overrides)
 }
 
 
-def data_flags(prefix: str) -> list[str]:
-  return [f'{prefix}data_dir={FLAGS.data_dir}'] if FLAGS.data_dir else []
+def data_flags() -> list[str]:
+  """--data_dir for the table and figure scripts, if given."""
+  return [f'--data_dir={FLAGS.data_dir}'] if FLAGS.data_dir else []
 
 
 def train(name: str, workdir: str) -> dict:
   """Trains (or resumes) one model within what is left of its budget; returns its time record."""
   options, overrides = MODELS[name]
-  options = ','.join(options + tuple(o for o in FLAGS.config_options.split(',') if o))
   return budgeted_runs.train(
-      name, workdir, f'configs/mnist.py{":" + options if options else ""}',
-      FLAGS.minutes_per_model, FLAGS.max_steps_per_model, FLAGS.checkpoint_every_steps,
-      [f'--config.seed={FLAGS.seed}', *data_flags('--config.'), *overrides])
+      name, workdir, 'configs/mnist.py', options + tuple(FLAGS.config_options.split(',')),
+      minutes=FLAGS.minutes_per_model, max_steps=FLAGS.max_steps_per_model,
+      every_steps=FLAGS.checkpoint_every_steps, seed=FLAGS.seed, data_dir=FLAGS.data_dir,
+      overrides=overrides)
 
 
 def section(title: str, path: str) -> str:
@@ -74,11 +73,7 @@ def section(title: str, path: str) -> str:
 
 def main(argv):
   del argv
-  if not FLAGS.output_dir:
-    raise UserError('--output_dir=DIR is required: the study writes its runs and tables there.')
-  if FLAGS.minutes_per_model <= 0:
-    raise UserError(f'--minutes_per_model={FLAGS.minutes_per_model} must be positive.')
-  out = make_directory(os.path.abspath(FLAGS.output_dir), '--output_dir')
+  out = budgeted_runs.output_dir(FLAGS.output_dir, FLAGS.minutes_per_model)
   workdirs = {name: os.path.join(out, name) for name in MODELS}
 
   # 1. Training.
@@ -87,7 +82,7 @@ def main(argv):
   # 2. The tables over the three runs.
   tables = os.path.join(out, 'tables')
   shared = [f'--workdirs={",".join(f"{n}={w}" for n, w in workdirs.items())}',
-            f'--output_dir={tables}', f'--seed={FLAGS.seed}', *data_flags('--'),
+            f'--output_dir={tables}', f'--seed={FLAGS.seed}', *data_flags(),
             f'--classifier_dir={os.path.join(out, "attribute_classifier")}',
             f'--classifier_epochs={FLAGS.classifier_epochs}',
             f'--classifier_width={FLAGS.classifier_width}']
@@ -102,7 +97,7 @@ def main(argv):
 
   # 3. Each model's figures and reconstruction errors.
   for name, workdir in workdirs.items():
-    single = [f'--workdir={workdir}', *data_flags('--')]
+    single = [f'--workdir={workdir}', *data_flags()]
     num = [f'--num_examples={FLAGS.test_examples}'] if FLAGS.test_examples else []
     budgeted_runs.run(['experiments/reconstruction_error.py', *single, *num])
     budgeted_runs.run(['experiments/samples.py', *single, f'--seed={FLAGS.seed}'])

@@ -27,7 +27,6 @@ from absl import logging
 
 import budgeted_runs
 import common
-from hali_jax.errors import make_directory
 from hali_jax.errors import UserError
 
 flags.DEFINE_float('minutes_per_model', 15.0, 'Wall-clock training budget of each run.')
@@ -54,15 +53,14 @@ MODELS = {  # name -> (config options, overrides)
 
 def train(model: str, label_seed: str, workdir: str) -> dict:
   options, overrides = MODELS[model]
-  options = ','.join(options + tuple(o for o in FLAGS.config_options.split(',') if o))
-  data = [f'--config.data_dir={FLAGS.data_dir}'] if FLAGS.data_dir else []
   return budgeted_runs.train(
-      f'{model} (label seed {label_seed})', workdir,
-      f'configs/mnist_semisup.py{":" + options if options else ""}', FLAGS.minutes_per_model,
-      FLAGS.max_steps_per_model, FLAGS.eval_every_steps,
-      [f'--config.seed={FLAGS.seed}', f'--config.semisup.label_seed={label_seed}',
-       f'--config.semisup.held_out_examples={FLAGS.held_out_examples}', *data,
-       *overrides, *FLAGS.overrides])
+      f'{model} (label seed {label_seed})', workdir, 'configs/mnist_semisup.py',
+      options + tuple(FLAGS.config_options.split(',')), minutes=FLAGS.minutes_per_model,
+      max_steps=FLAGS.max_steps_per_model, every_steps=FLAGS.eval_every_steps, seed=FLAGS.seed,
+      data_dir=FLAGS.data_dir,
+      overrides=[f'--config.semisup.label_seed={label_seed}',
+                 f'--config.semisup.held_out_examples={FLAGS.held_out_examples}', *overrides,
+                 *FLAGS.overrides])
 
 
 def last_and_best(history: list[dict], key: str) -> str:
@@ -94,14 +92,10 @@ def summarise(name: str, record: dict, minutes: float) -> tuple[str, str]:
 
 def main(argv):
   del argv
-  if not FLAGS.output_dir:
-    raise UserError('--output_dir=DIR is required: the study writes its runs and summary there.')
-  if FLAGS.minutes_per_model <= 0:
-    raise UserError(f'--minutes_per_model={FLAGS.minutes_per_model} must be positive.')
   unknown = set(FLAGS.models) - set(MODELS)
   if unknown:
     raise UserError(f'--models: unknown {sorted(unknown)}; choose from {sorted(MODELS)}.')
-  out = make_directory(os.path.abspath(FLAGS.output_dir), '--output_dir')
+  out = budgeted_runs.output_dir(FLAGS.output_dir, FLAGS.minutes_per_model)
   runs = {f'{m}_seed{s}': (m, s) for s in FLAGS.label_seeds for m in FLAGS.models}
   times = {name: train(m, s, os.path.join(out, name)) for name, (m, s) in runs.items()}
 

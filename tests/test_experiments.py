@@ -120,12 +120,22 @@ def test_an_output_dir_that_is_a_file_is_a_user_error(workdir, tmp_path):
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
   for command in (['experiments/samples.py', f'--workdir={workdir}'],
-                  ['experiments/speed/conv_gradients.py']):
+                  ['experiments/speed/conv_gradients.py'], ['experiments/mnist_study.py'],
+                  ['experiments/semisup_study.py']):
     result = subprocess.run([sys.executable, *command, f'--output_dir={a_file}'], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f'error: --output_dir={a_file} is a file' in result.stderr, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
+  # The studies check their budget and --output_dir before anything trains.
+  for study in ('mnist_study', 'semisup_study'):
+    for flags, message in (([], '--output_dir=DIR is required'),
+                           ([f'--output_dir={tmp_path / study}', '--minutes_per_model=0'],
+                            '--minutes_per_model=0.0 must be positive')):
+      result = subprocess.run([sys.executable, f'experiments/{study}.py', *flags], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+      assert result.returncode == 2 and f'error: {message}' in result.stderr, result.stderr
+      assert not (tmp_path / study).exists()
 
 
 # --------------------------------------------------------------------------------------------
