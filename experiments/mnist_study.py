@@ -5,7 +5,7 @@
 
 One command, a pipeline of the project's own commands (each printed before it runs):
   1. training, each model in DIR/<name> with `python -m hali_jax.main` on configs/mnist.py
-     (`:ali` for ALI, --config.method=vae for the VAE; the '28-lean' architecture), the same seed,
+     (`:ali` for ALI, --config.method=vae for the VAE; the 'mlp' architecture), the same seed,
      for --minutes_per_model of wall-clock time each (or --max_steps_per_model, if sooner).
      Run the command again to resume: a model's used time is kept in DIR/<name>/study_time.json,
      and a model whose budget is spent is not trained again;

@@ -10,6 +10,10 @@ before it runs), for --minutes_per_model of wall-clock time each (or --max_steps
   labels_only  the same encoder and classifier on eq. 10 alone (semisup.adversarial=False);
   ali          ALI (L = 1), semi-supervised;
   hali_z1      HALI with the classifier on z_1;
+  hali_vat     HALI with virtual adversarial training on the unlabelled batch (opt-in,
+               semisup.vat_weight=1: not in the paper);
+  labels_only_vat  eq. 10 and virtual adversarial training alone, no adversarial game: what
+               VAT does without HALI;
 once per label seed (semisup.label_seed: which 100 training images are labelled), in
 DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's errors and those of
 a logistic regression refitted on the 100 labelled codes of each level (semisup.Diagnostics,
@@ -48,6 +52,8 @@ MODELS = {  # name -> (config options, overrides)
     'labels_only': ((), ('--config.semisup.adversarial=False',)),
     'ali': (('ali',), ()),
     'hali_z1': ((), ('--config.semisup.level=1',)),
+    'hali_vat': ((), ('--config.semisup.vat_weight=1.0',)),
+    'labels_only_vat': ((), ('--config.semisup.adversarial=False', '--config.semisup.vat_weight=1.0')),
 }
 
 

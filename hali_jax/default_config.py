@@ -110,6 +110,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Weight of the mean entropy of q(y | x) on the unlabelled batch, added to L_g (entropy
   # minimisation, Grandvalet & Bengio 2005; not in the paper).
   c.semisup.entropy_weight = 0.0
+  # Weight of virtual adversarial training's cost on the unlabelled batch, added to L_g
+  # (Miyato et al. 2018; not in the paper): q(y | x) made smooth around every image, not only
+  # the labelled ones. vat_epsilon: the L2 norm of the perturbation, in the [-1, 1] pixel scale.
+  c.semisup.vat_weight = 0.0
+  c.semisup.vat_epsilon = 2.0
 
   # --- VAE baseline (config.method = 'vae'; hali_jax/vae.py) ----------------------------------
   c.vae = ml_collections.ConfigDict()
@@ -237,6 +242,8 @@ FIELD_RULES = {
     'semisup.weight_decay': _number(float, 0),
     'semisup.with_replacement': _of_type(bool, 'True or False'),
     'semisup.entropy_weight': _number(float, 0),
+    'semisup.vat_weight': _number(float, 0),
+    'semisup.vat_epsilon': _number(float, 0, low_open=True),
     'vae.x_std': _number(float, 0, low_open=True),
     'probes.enabled': _of_type(bool, 'True or False'),
     'probes.train_examples': _POSITIVE_INT,

@@ -277,10 +277,12 @@ def test_mean_init_default_is_flax_default_and_unit_scales_only_the_mean_heads(a
   assert mean_kernels == 3  # Encoder levels 1 and 2, decoder level 1.
 
 
-@pytest.mark.parametrize('arch,z_channels', [('28-lean', 4), ('mlp', 256)])
-def test_mean_init_unit_gives_the_top_latent_the_priors_scale(arch, z_channels, shared_tfds):
+@pytest.mark.parametrize('arch,z_channels,z_dim', [('28-lean', 4, 64), ('mlp', 256, 128)])
+def test_mean_init_unit_gives_the_top_latent_the_priors_scale(arch, z_channels, z_dim,
+                                                              shared_tfds):
   """The encoder's z_L on real MNIST as D sees it at the first training step (batch statistics,
-  input noise, the kernel's noise), at the runs' sizes (width 1, z_dim 64, log-variance -4):
+  input noise, the kernel's noise), at the runs' sizes (width 1, configs/mnist.py's z_dim,
+  log-variance -4):
   'default' starts it at a per-dimension std of ~0.66 (the review's 0.67), 'unit' within 10%
   of the prior's 1 and, where the body ends in batch norm and a leaky ReLU ('mlp'), each
   dimension's mean near the prior's 0 ('28-lean''s ends in a linear layer: offsets of ~0.8)."""
@@ -291,7 +293,7 @@ def test_mean_init_unit_gives_the_top_latent_the_priors_scale(arch, z_channels, 
 
   def top_latent(mean_init):
     model = models.HALI(architectures.build_architecture(
-        arch, 2, 1, z_channels=z_channels, z_dim=64, logvar_init=-4.0, mean_init=mean_init))
+        arch, 2, 1, z_channels=z_channels, z_dim=z_dim, logvar_init=-4.0, mean_init=mean_init))
 
     @jax.jit
     def z_top(x):
@@ -303,7 +305,7 @@ def test_mean_init_unit_gives_the_top_latent_the_priors_scale(arch, z_channels, 
     return np.asarray(z_top(x))
 
   default, unit = top_latent('default'), top_latent('unit')
-  assert default.shape == unit.shape == (256, 64)
+  assert default.shape == unit.shape == (256, z_dim)
   assert default.std(0).mean() < 0.75
   assert abs(unit.std(0).mean() - 1) < 0.1
   if arch == 'mlp':  # Its top kernel's body ends in batch norm and a leaky ReLU, as 'unit' assumes.

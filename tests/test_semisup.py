@@ -219,7 +219,8 @@ def test_labelled_draws_are_a_function_of_the_key():
 def test_the_opt_in_settings_are_off_by_default():
   defaults = default_config.get_default_config().semisup
   assert (defaults.adversarial, defaults.classifier_dropout, defaults.weight_decay,
-          defaults.with_replacement, defaults.entropy_weight) == (True, 0.0, 0.0, False, 0.0)
+          defaults.with_replacement, defaults.entropy_weight,
+          defaults.vat_weight) == (True, 0.0, 0.0, False, 0.0, 0.0)
   config = mnist_semisup.get_config()
   assert all(config.semisup[name] == defaults[name] for name in methods.SEMISUP_OPTIONS)
 
@@ -274,6 +275,30 @@ def test_each_opt_in_term_adds_what_it_says(ali):
 
   _, metrics = term_with(ali, classifier_dropout=0.5)(params, ali.state, batch, key)
   assert metrics['supervised_loss'] != base_metrics['supervised_loss']
+
+  cost, metrics = term_with(ali, vat_weight=0.5, vat_epsilon=3.0)(params, ali.state, batch, key)
+  assert metrics['virtual_adversarial_loss'] > 0
+  np.testing.assert_allclose(cost - base, 0.5 * metrics['virtual_adversarial_loss'], rtol=1e-4)
+  assert metrics['supervised_loss'] == base_metrics['supervised_loss']
+
+
+def test_virtual_adversarial_loss_finds_the_one_direction_a_linear_classifier_reads():
+  # logits = x W with W = u (1, -1): only x's component along u moves p(y | x). At x = 0,
+  # p = (1/2, 1/2), and r_adv = +-epsilon u gives q = (sigmoid(2 epsilon), sigmoid(-2 epsilon))
+  # either way, so KL(p || q) = -log(2) - (log sigmoid(2 eps) + log sigmoid(-2 eps)) / 2.
+  u = jax.random.normal(jax.random.PRNGKey(0), (50,))
+  u = u / jnp.linalg.norm(u)
+  w = jnp.outer(u, jnp.array([1.0, -1.0]))
+  eps = 0.5
+  expected = -np.log(2) - 0.5 * (np.log(1 / (1 + np.exp(-2 * eps)))
+                                 + np.log(1 / (1 + np.exp(2 * eps))))
+  loss = semisup.virtual_adversarial_loss(lambda x: x @ w, jnp.zeros((6, 50)),
+                                          jax.random.PRNGKey(1), eps)
+  np.testing.assert_allclose(loss, expected, rtol=1e-4)
+  # A random direction of the same norm moves p far less: the power iteration matters.
+  r = eps * jax.random.normal(jax.random.PRNGKey(2), (6, 50))
+  r = eps * r / jnp.linalg.norm(r, axis=1, keepdims=True)
+  assert float(semisup._kl_from_logits(jnp.zeros((6, 2)), r @ w)) < 0.2 * expected
 
 
 @pytest.mark.parametrize('changes, match', [
