@@ -91,6 +91,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   # set, so each step's cost is eq. 10's mean over D_sup exactly.
   c.semisup.batch_size = 100
   c.semisup.eval_batch_size = 500  # Test images per forward pass when counting test errors.
+  # How the classifier's passes normalize the encoder's batch norm: 'running', with the running
+  # averages of the unlabelled stream (as evaluation does); 'batch', with each pass's own
+  # statistics, which lets the encoder memorise a fixed labelled batch (semisup.py says how).
+  c.semisup.batch_norm = 'running'
+
   # Also count errors on the training split's last N images (held-out training data, to choose
   # settings without the test split; 10000 hold about 17 of the 100 labelled examples): results
   # 'held_out/...'. 0: the eval split's alone.
@@ -238,6 +243,7 @@ FIELD_RULES = {
     'semisup.eval_batch_size': _POSITIVE_INT,
     'semisup.held_out_examples': _number(int, 0),
     'semisup.adversarial': _of_type(bool, 'True or False'),
+    'semisup.batch_norm': _one_of('running', 'batch'),
     'semisup.classifier_dropout': _number(float, 0, 1, high_open=True),
     'semisup.weight_decay': _number(float, 0),
     'semisup.with_replacement': _of_type(bool, 'True or False'),

@@ -25,7 +25,7 @@ METHODS = ('hali', 'vae')
 # The semi-supervised settings beyond eq. 9-10 (default_config.py), meaningless without a
 # classifier.
 SEMISUP_OPTIONS = ('adversarial', 'classifier_dropout', 'weight_decay', 'with_replacement',
-                   'entropy_weight', 'vat_weight', 'vat_epsilon')
+                   'entropy_weight', 'vat_weight', 'vat_epsilon', 'batch_norm')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -220,13 +220,15 @@ def test_the_opt_in_settings_are_off_by_default():
   defaults = default_config.get_default_config().semisup
   assert (defaults.adversarial, defaults.classifier_dropout, defaults.weight_decay,
           defaults.with_replacement, defaults.entropy_weight,
-          defaults.vat_weight) == (True, 0.0, 0.0, False, 0.0, 0.0)
+          defaults.vat_weight, defaults.batch_norm) == (True, 0.0, 0.0, False, 0.0, 0.0, 'running')
   config = mnist_semisup.get_config()
   assert all(config.semisup[name] == defaults[name] for name in methods.SEMISUP_OPTIONS)
 
 
-def test_the_default_term_is_weight_times_eq_10_with_its_former_keys(ali):
-  # eq. 10 written out as the term was before the opt-in settings: these keys, this minibatch.
+@pytest.mark.parametrize('batch_norm', ['running', 'batch'])
+def test_the_default_term_is_weight_times_eq_10_with_its_former_keys(ali, batch_norm):
+  # eq. 10 written out as the term was before the opt-in settings: these keys, this minibatch;
+  # batch norm on the running averages (the default) or on the minibatch's own statistics.
   key = jax.random.PRNGKey(7)
   labelled = blocks(ali.config.semisup.labels_per_class)
   choice_key, noise_key, encoder_key = jax.random.split(key, 3)
@@ -236,11 +238,13 @@ def test_the_default_term_is_weight_times_eq_10_with_its_former_keys(ali):
   params = ali.state.params
   levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
       {'params': params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']}, x,
-      jax.random.split(encoder_key, 1), train=True, to_level=1, mutable=['batch_stats'])
+      jax.random.split(encoder_key, 1), train=batch_norm == 'batch', to_level=1,
+      mutable=['batch_stats'])
   logits = ali.classifier.apply({'params': params['classifier']}, [levels[0].z])
   expected = np.mean(cross_entropy(logits, labelled['label'][np.asarray(chosen)]))
 
-  cost, metrics = ali.term(params, ali.state, {}, key)
+  term = ali.term if batch_norm == 'running' else term_with(ali, batch_norm=batch_norm)
+  cost, metrics = term(params, ali.state, {}, key)
   np.testing.assert_allclose(metrics['supervised_loss'], expected, rtol=1e-5)
   assert float(cost) == ali.config.semisup.weight * float(metrics['supervised_loss'])
   assert set(metrics) == {'supervised_loss', 'labelled_accuracy'}
