@@ -14,6 +14,10 @@ before it runs), for --minutes_per_model of wall-clock time each (or --max_steps
                semisup.vat_weight=1: not in the paper);
   labels_only_vat  eq. 10 and virtual adversarial training alone, no adversarial game: what
                VAT does without HALI;
+  hali_vat_ent_bal  HALI with VAT, entropy minimisation and class balance on the unlabelled
+               batch (opt-in, semisup.vat_weight, entropy_weight, balance_weight = 1: not in
+               the paper);
+  labels_only_vat_ent_bal  the same three terms and eq. 10, no adversarial game;
 once per label seed (semisup.label_seed: which 100 training images are labelled), in
 DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's errors and those of
 a logistic regression refitted on the 100 labelled codes of each level (semisup.Diagnostics,
@@ -47,6 +51,8 @@ flags.DEFINE_integer('held_out_examples', 10_000, 'semisup.held_out_examples: th
                      'images, on which errors are counted too, to choose settings by.')
 FLAGS = flags.FLAGS
 
+VAT_ENT_BAL = ('--config.semisup.vat_weight=1.0', '--config.semisup.entropy_weight=1.0',
+               '--config.semisup.balance_weight=1.0')
 MODELS = {  # name -> (config options, overrides)
     'hali': ((), ()),
     'labels_only': ((), ('--config.semisup.adversarial=False',)),
@@ -54,6 +60,8 @@ MODELS = {  # name -> (config options, overrides)
     'hali_z1': ((), ('--config.semisup.level=1',)),
     'hali_vat': ((), ('--config.semisup.vat_weight=1.0',)),
     'labels_only_vat': ((), ('--config.semisup.adversarial=False', '--config.semisup.vat_weight=1.0')),
+    'hali_vat_ent_bal': ((), VAT_ENT_BAL),
+    'labels_only_vat_ent_bal': ((), ('--config.semisup.adversarial=False',) + VAT_ENT_BAL),
 }
 
 

@@ -120,6 +120,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # the labelled ones. vat_epsilon: the L2 norm of the perturbation, in the [-1, 1] pixel scale.
   c.semisup.vat_weight = 0.0
   c.semisup.vat_epsilon = 2.0
+  # Weight of KL(mean q(y | x) over the unlabelled batch || uniform), added to L_g (class balance,
+  # the marginal-entropy term of RIM and CatGAN; not in the paper): no class left unpredicted.
+  c.semisup.balance_weight = 0.0
 
   # --- VAE baseline (config.method = 'vae'; hali_jax/vae.py) ----------------------------------
   c.vae = ml_collections.ConfigDict()
@@ -250,6 +253,7 @@ FIELD_RULES = {
     'semisup.entropy_weight': _number(float, 0),
     'semisup.vat_weight': _number(float, 0),
     'semisup.vat_epsilon': _number(float, 0, low_open=True),
+    'semisup.balance_weight': _number(float, 0),
     'vae.x_std': _number(float, 0, low_open=True),
     'probes.enabled': _of_type(bool, 'True or False'),
     'probes.train_examples': _POSITIVE_INT,

@@ -25,7 +25,8 @@ METHODS = ('hali', 'vae')
 # The semi-supervised settings beyond eq. 9-10, and how its classifier's pass normalizes
 # (default_config.py): meaningless without a classifier.
 SEMISUP_OPTIONS = ('adversarial', 'classifier_dropout', 'weight_decay', 'with_replacement',
-                   'entropy_weight', 'vat_weight', 'vat_epsilon', 'batch_norm')
+                   'entropy_weight', 'vat_weight', 'vat_epsilon', 'balance_weight',
+                   'batch_norm')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -16,7 +16,8 @@ Baseline and opt-in settings beyond eq. 9-10 (config.semisup; all off by default
   draws its labelled minibatch; entropy_weight: entropy minimisation of q(y | x) on the
   unlabelled batch; vat_weight, vat_epsilon: virtual adversarial training of q(y | x) on the
   unlabelled batch (`virtual_adversarial_loss`), which keeps the classifier's regions from
-  closing around the labelled images alone.
+  closing around the labelled images alone; balance_weight: the unlabelled batch's predictions
+  spread over the classes (`class_balance_loss`).
 """
 
 from typing import Sequence
@@ -190,6 +191,16 @@ def virtual_adversarial_loss(logits_fn, x: jax.Array, key: jax.Array, epsilon: f
   return _kl_from_logits(clean, logits_fn(x + r_adv))
 
 
+def class_balance_loss(log_p: jax.Array) -> jax.Array:
+  """KL(the batch's mean q(y | x) || uniform) = log K - H(E_x q(y | x)), from log q [B, K].
+
+  Zero when the batch's predictions spread evenly over the K classes. The marginal-entropy term
+  of RIM (Krause et al. 2010) and CatGAN (Springenberg 2016): with VAT alone, q(y | x) smooths by
+  merging classes (two of MNIST's ten were never predicted, experiments/RESULTS.md)."""
+  log_mean = jax.nn.logsumexp(log_p, axis=0) - jnp.log(log_p.shape[0])
+  return jnp.log(log_p.shape[-1]) + jnp.sum(jnp.exp(log_mean) * log_mean)
+
+
 def make_generator_term(model: models.HALI, classifier: Classifier, labelled: dict,
                         settings: ml_collections.ConfigDict) -> step.GeneratorTerm:
   """`train_step`'s generator_term: settings.weight * eq. 10 on settings.batch_size labelled
@@ -198,13 +209,17 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
   The labelled set (a few hundred images at most) is a constant of the compiled step: no change
   to the input pipeline or the batch, and each step draws its minibatch (`labelled_indices`) with
   the term's own key. z = enc(x + sigma * eps) samples each level up to the classifier's, like
-  the adversarial pass. Batch norm (settings.batch_norm): 'running', the running averages of the
-  unlabelled stream, as evaluation normalizes; 'batch', each pass's own statistics, whose
-  updates are dropped. With 'batch' and a labelled minibatch that is the same 100 images every
-  step, the encoder can separate them along directions that vary across those 100 alone
-  (dividing by their small spread), which say nothing about other images: the classifier was
-  right on all 100 labelled images under their own statistics, on 15% of them under the
-  running averages, and on 13% of test images (experiments/RESULTS.md).
+  the adversarial pass. Batch norm of the labelled pass (settings.batch_norm): 'running', the
+  running averages of the unlabelled stream, as evaluation normalizes; 'batch', its own
+  statistics. With 'batch' and a labelled minibatch that is the same 100 images every step, the
+  encoder can separate them along directions that vary across those 100 alone (dividing by
+  their small spread), which say nothing about other images: the classifier was right on all
+  100 labelled images under their own statistics, on 15% of them under the running averages,
+  and on 13% of test images (experiments/RESULTS.md). The unlabelled passes of the opt-in terms
+  normalize with their own statistics, as the adversarial pass does (a fresh batch each step,
+  nothing to memorise); on the running averages, HALI with VAT, entropy minimisation and class
+  balance turned NaN at step ~572 (experiments/RESULTS.md). Every pass's statistics updates are
+  dropped.
   """
   images, labels = np.asarray(labelled['image']), np.asarray(labelled['label'])
   batch_size = settings.batch_size
@@ -213,10 +228,10 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
                     'number of labelled examples (labels_per_class * classes), or set '
                     '--config.semisup.with_replacement=True.')
 
-  def logits(g_params, state, x, noise_key, encoder_key, dropout_key):
+  def logits(g_params, state, x, noise_key, encoder_key, dropout_key, *, labelled=False):
     zs, _ = _encode(model, g_params, state.batch_stats, x, noise_key,
                     jax.random.split(encoder_key, classifier.level), to_level=classifier.level,
-                    batch_statistics=settings.batch_norm == 'batch')
+                    batch_statistics=not labelled or settings.batch_norm == 'batch')
     return classifier.apply({'params': g_params[CLASSIFIER]}, zs, train=True,
                             rngs={'dropout': dropout_key})
 
@@ -228,7 +243,7 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
     chosen = labelled_indices(choice_key, len(labels), batch_size, settings.with_replacement)
     y = jnp.asarray(labels)[chosen]
     labelled_logits = logits(g_params, state, jnp.asarray(images)[chosen], noise_key,
-                             encoder_key, dropout_key)
+                             encoder_key, dropout_key, labelled=True)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(labelled_logits, y))
     cost = settings.weight * loss
     metrics = dict(supervised_loss=loss,
@@ -236,13 +251,18 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
     if settings.weight_decay:
       kernel = g_params[CLASSIFIER]['Dense_0']['kernel']
       cost += 0.5 * settings.weight_decay * jnp.sum(kernel * kernel)
-    if settings.entropy_weight:
-      # Confident predictions on the unlabelled batch: the decision boundary kept off the data.
-      p_logits = jax.nn.log_softmax(logits(g_params, state, batch['image'],
-                                           *jax.random.split(unlabelled_key, 3)))
-      entropy = -jnp.mean(jnp.sum(jnp.exp(p_logits) * p_logits, axis=-1))
-      cost += settings.entropy_weight * entropy
-      metrics['unlabelled_entropy'] = entropy
+    if settings.entropy_weight or settings.balance_weight:
+      log_p = jax.nn.log_softmax(logits(g_params, state, batch['image'],
+                                        *jax.random.split(unlabelled_key, 3)))
+      if settings.entropy_weight:
+        # Confident predictions on the unlabelled batch: the decision boundary kept off the data.
+        entropy = -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
+        cost += settings.entropy_weight * entropy
+        metrics['unlabelled_entropy'] = entropy
+      if settings.balance_weight:
+        balance = class_balance_loss(log_p)
+        cost += settings.balance_weight * balance
+        metrics['class_balance_loss'] = balance
     if settings.vat_weight:
       # One draw of the input noise, z and dropout for all three passes, so that the KL
       # measures the perturbation alone.

@@ -220,7 +220,8 @@ def test_the_opt_in_settings_are_off_by_default():
   defaults = default_config.get_default_config().semisup
   assert (defaults.adversarial, defaults.classifier_dropout, defaults.weight_decay,
           defaults.with_replacement, defaults.entropy_weight,
-          defaults.vat_weight, defaults.batch_norm) == (True, 0.0, 0.0, False, 0.0, 0.0, 'running')
+          defaults.vat_weight, defaults.balance_weight,
+          defaults.batch_norm) == (True, 0.0, 0.0, False, 0.0, 0.0, 0.0, 'running')
   config = mnist_semisup.get_config()
   assert all(config.semisup[name] == defaults[name] for name in methods.SEMISUP_OPTIONS)
 
@@ -284,6 +285,50 @@ def test_each_opt_in_term_adds_what_it_says(ali):
   assert metrics['virtual_adversarial_loss'] > 0
   np.testing.assert_allclose(cost - base, 0.5 * metrics['virtual_adversarial_loss'], rtol=1e-4)
   assert metrics['supervised_loss'] == base_metrics['supervised_loss']
+
+  cost, metrics = term_with(ali, balance_weight=2.0)(params, ali.state, batch, key)
+  assert 0 <= metrics['class_balance_loss'] <= np.log(10) + 1e-5
+  np.testing.assert_allclose(cost - base, 2.0 * metrics['class_balance_loss'], rtol=1e-4)
+  # With entropy minimisation too, both read the same unlabelled pass.
+  _, both = term_with(ali, balance_weight=2.0, entropy_weight=0.3)(params, ali.state, batch, key)
+  assert both['class_balance_loss'] == metrics['class_balance_loss']
+
+
+def test_the_unlabelled_passes_normalize_with_their_own_batch_statistics(ali):
+  # The entropy term written out: the unlabelled batch's keys, batch norm on its own statistics
+  # whatever semisup.batch_norm says of the labelled pass (the running averages would differ:
+  # at initialisation they are 0 and 1).
+  key = jax.random.PRNGKey(7)
+  x = jnp.asarray(blocks(1)['image'][:8])
+  noise_key, encoder_key, _ = jax.random.split(jax.random.split(key, 6)[4], 3)
+  noisy = x + ali.model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
+
+  def entropy(train):
+    levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
+        {'params': ali.state.params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']},
+        noisy, jax.random.split(encoder_key, 1), train=train, to_level=1, mutable=['batch_stats'])
+    log_p = jax.nn.log_softmax(ali.classifier.apply({'params': ali.state.params['classifier']},
+                                                    [levels[0].z]))
+    return -np.mean(np.sum(np.exp(log_p) * log_p, axis=-1))
+
+  assert abs(entropy(True) - entropy(False)) > 1e-3
+  for batch_norm in ('running', 'batch'):
+    _, metrics = term_with(ali, entropy_weight=1.0, batch_norm=batch_norm)(
+        ali.state.params, ali.state, {'image': x}, key)
+    np.testing.assert_allclose(metrics['unlabelled_entropy'], entropy(True), rtol=1e-5)
+
+
+def test_class_balance_loss_is_the_kl_of_the_mean_prediction_to_uniform():
+  # Mirror-image predictions average to uniform: 0. (0.9, 0.1) and (0.7, 0.3) average to
+  # (0.8, 0.2): log 2 + 0.8 log 0.8 + 0.2 log 0.2.
+  balanced = jnp.log(jnp.array([[0.9, 0.1], [0.1, 0.9]]))
+  np.testing.assert_allclose(semisup.class_balance_loss(balanced), 0.0, atol=1e-6)
+  skewed = jnp.log(jnp.array([[0.9, 0.1], [0.7, 0.3]]))
+  np.testing.assert_allclose(semisup.class_balance_loss(skewed),
+                             np.log(2) + 0.8 * np.log(0.8) + 0.2 * np.log(0.2), rtol=1e-5)
+  # All on one class of 4: log 4, the most it can be.
+  one_class = jnp.log(jnp.array([[1.0, 1e-30, 1e-30, 1e-30]] * 3))
+  np.testing.assert_allclose(semisup.class_balance_loss(one_class), np.log(4), rtol=1e-5)
 
 
 def test_virtual_adversarial_loss_finds_the_one_direction_a_linear_classifier_reads():
