@@ -16,8 +16,11 @@ from configs import apply_options, base_config, parse_options
 from hali_jax.errors import UserError
 
 
+OPTIONS = ('lean', 'table4')  # Beyond configs/__init__.py's COMMON_OPTIONS.
+
+
 def get_config(arg: str | None = None, *, mlp_z_dim: int = 128):
-  options = parse_options(arg, extra=('lean', 'table4'))
+  options = parse_options(arg, extra=OPTIONS)
   if {'lean', 'table4'} <= options:
     raise UserError('configs/mnist.py: the options lean and table4 choose different '
                     'architectures; give one of them.')

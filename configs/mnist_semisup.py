@@ -9,12 +9,24 @@ split. Evaluation: errors on the 10000 test images, the classifier's and each le
 the 100 labels (semisup.Diagnostics). Baselines in the same protocol: :ali (ALI, L = 1),
 --config.semisup.adversarial=False (eq. 10 alone), --config.semisup.level=1 (the classifier on
 z_1).
+
+Option vat_ent_bal (beyond eq. 9-10, opt-in): the recipe whose errors fall with training
+(experiments/RESULTS.md, issue 27): virtual adversarial training, entropy minimisation and class
+balance on the unlabelled batch, these and eq. 10 at weight 3 against the adversarial cost, and
+the weights' moving average evaluated (Polyak averaging).
 """
 
 from configs import mnist
+from configs import parse_options
+
+VAT_ENT_BAL = 'vat_ent_bal'
 
 
 def get_config(arg: str | None = None):
-  config = mnist.get_config(arg, mlp_z_dim=64)
+  options = parse_options(arg, extra=mnist.OPTIONS + (VAT_ENT_BAL,))
+  config = mnist.get_config(','.join(sorted(options - {VAT_ENT_BAL})), mlp_z_dim=64)
   config.semisup.enabled = True
+  if VAT_ENT_BAL in options:
+    config.semisup.update(weight=3.0, vat_weight=3.0, entropy_weight=3.0, balance_weight=3.0)
+    config.optim.ema_decay = 0.999
   return config

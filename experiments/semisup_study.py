@@ -14,10 +14,10 @@ before it runs), for --minutes_per_model of wall-clock time each (or --max_steps
                semisup.vat_weight=1: not in the paper);
   labels_only_vat  eq. 10 and virtual adversarial training alone, no adversarial game: what
                VAT does without HALI;
-  hali_vat_ent_bal  HALI with VAT, entropy minimisation and class balance on the unlabelled
-               batch (opt-in: semisup.vat_weight, entropy_weight, balance_weight; not in the
-               paper), these and eq. 10 at weight 3 against the adversarial cost, and the
-               weights' moving average evaluated (optim.ema_decay 0.999);
+  hali_vat_ent_bal  configs/mnist_semisup.py:vat_ent_bal, the opt-in recipe (not in the
+               paper): HALI with VAT, entropy minimisation and class balance on the unlabelled
+               batch, these and eq. 10 at weight 3 against the adversarial cost, and the
+               weights' moving average evaluated;
   labels_only_vat_ent_bal  the same settings, no adversarial game;
 once per label seed (semisup.label_seed: which 100 training images are labelled), in
 DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's errors and those of
@@ -52,9 +52,6 @@ flags.DEFINE_integer('held_out_examples', 10_000, 'semisup.held_out_examples: th
                      'images, on which errors are counted too, to choose settings by.')
 FLAGS = flags.FLAGS
 
-VAT_ENT_BAL = ('--config.semisup.weight=3.0', '--config.semisup.vat_weight=3.0',
-               '--config.semisup.entropy_weight=3.0', '--config.semisup.balance_weight=3.0',
-               '--config.optim.ema_decay=0.999')
 MODELS = {  # name -> (config options, overrides)
     'hali': ((), ()),
     'labels_only': ((), ('--config.semisup.adversarial=False',)),
@@ -62,8 +59,8 @@ MODELS = {  # name -> (config options, overrides)
     'hali_z1': ((), ('--config.semisup.level=1',)),
     'hali_vat': ((), ('--config.semisup.vat_weight=1.0',)),
     'labels_only_vat': ((), ('--config.semisup.adversarial=False', '--config.semisup.vat_weight=1.0')),
-    'hali_vat_ent_bal': ((), VAT_ENT_BAL),
-    'labels_only_vat_ent_bal': ((), ('--config.semisup.adversarial=False',) + VAT_ENT_BAL),
+    'hali_vat_ent_bal': (('vat_ent_bal',), ()),
+    'labels_only_vat_ent_bal': (('vat_ent_bal',), ('--config.semisup.adversarial=False',)),
 }
 
 
