@@ -91,9 +91,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # set, so each step's cost is eq. 10's mean over D_sup exactly.
   c.semisup.batch_size = 100
   c.semisup.eval_batch_size = 500  # Test images per forward pass when counting test errors.
-  # How the classifier's passes normalize the encoder's batch norm: 'running', with the running
-  # averages of the unlabelled stream (as evaluation does); 'batch', with each pass's own
-  # statistics, which lets the encoder memorise a fixed labelled batch (semisup.py says how).
+  # How the classifier's pass on the labelled examples normalizes the encoder's batch norm:
+  # 'running', with the running averages of the unlabelled stream (as evaluation does); 'batch',
+  # with its own statistics, which lets the encoder memorise a fixed labelled batch (semisup.py
+  # says how). The opt-in terms' unlabelled passes always use their own batch's statistics.
   c.semisup.batch_norm = 'running'
 
   # Also count errors on the training split's last N images (held-out training data, to choose
