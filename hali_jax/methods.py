@@ -22,7 +22,7 @@ from hali_jax import vae
 from hali_jax.errors import UserError
 
 METHODS = ('hali', 'vae')
-# The semi-supervised settings beyond eq. 9-10, and how its classifier's pass normalizes
+# The semi-supervised settings beyond eq. 9-10, and how its labelled pass normalizes
 # (default_config.py): meaningless without a classifier.
 SEMISUP_OPTIONS = ('adversarial', 'classifier_dropout', 'weight_decay', 'with_replacement',
                    'entropy_weight', 'vat_weight', 'vat_epsilon', 'balance_weight',

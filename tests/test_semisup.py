@@ -241,21 +241,25 @@ def test_the_default_term_is_weight_times_eq_10_with_its_former_keys(ali, batch_
   labelled = blocks(ali.config.semisup.labels_per_class)
   choice_key, noise_key, encoder_key = jax.random.split(key, 3)
   chosen = jax.random.choice(choice_key, 20, (ali.config.semisup.batch_size,), replace=False)
-  x = labelled['image'][np.asarray(chosen)]
-  x = x + ali.model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
-  params = ali.state.params
-  levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
-      {'params': params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']}, x,
-      jax.random.split(encoder_key, 1), train=batch_norm == 'batch', to_level=1,
-      mutable=['batch_stats'])
-  logits = ali.classifier.apply({'params': params['classifier']}, [levels[0].z])
+  logits = logits_by_hand(ali, labelled['image'][np.asarray(chosen)], noise_key, encoder_key,
+                          train=batch_norm == 'batch')
   expected = np.mean(cross_entropy(logits, labelled['label'][np.asarray(chosen)]))
 
   term = ali.term if batch_norm == 'running' else term_with(ali, batch_norm=batch_norm)
-  cost, metrics = term(params, ali.state, {}, key)
+  cost, metrics = term(ali.state.params, ali.state, {}, key)
   np.testing.assert_allclose(metrics['supervised_loss'], expected, rtol=1e-5)
   assert float(cost) == ali.config.semisup.weight * float(metrics['supervised_loss'])
   assert set(metrics) == {'supervised_loss', 'labelled_accuracy'}
+
+
+def logits_by_hand(ali, x, noise_key, encoder_key, *, train):
+  """The classifier's logits on z_1 = enc(x + sigma * eps), written out; batch norm on x's own
+  statistics (train) or on the running averages."""
+  x = x + ali.model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
+  levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
+      {'params': ali.state.params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']},
+      x, jax.random.split(encoder_key, 1), train=train, to_level=1, mutable=['batch_stats'])
+  return ali.classifier.apply({'params': ali.state.params['classifier']}, [levels[0].z])
 
 
 def cross_entropy(logits, labels):
@@ -308,14 +312,9 @@ def test_the_unlabelled_passes_normalize_with_their_own_batch_statistics(ali):
   key = jax.random.PRNGKey(7)
   x = jnp.asarray(blocks(1)['image'][:8])
   noise_key, encoder_key, _ = jax.random.split(jax.random.split(key, 6)[4], 3)
-  noisy = x + ali.model.input_noise_std * ops.standard_normal(noise_key, x.shape, x.dtype)
 
   def entropy(train):
-    levels, _ = models.Encoder(ali.model.arch, ali.model.slope).apply(
-        {'params': ali.state.params['encoder'], 'batch_stats': ali.state.batch_stats['encoder']},
-        noisy, jax.random.split(encoder_key, 1), train=train, to_level=1, mutable=['batch_stats'])
-    log_p = jax.nn.log_softmax(ali.classifier.apply({'params': ali.state.params['classifier']},
-                                                    [levels[0].z]))
+    log_p = jax.nn.log_softmax(logits_by_hand(ali, x, noise_key, encoder_key, train=train))
     return -np.mean(np.sum(np.exp(log_p) * log_p, axis=-1))
 
   assert abs(entropy(True) - entropy(False)) > 1e-3
