@@ -138,27 +138,36 @@ def stop_requests(mesh):
   """
   received = []
   previous = {}
+  announced = False
 
   def handler(signum, frame):
+    # No logging here: a signal that lands while the main thread writes a log line would make a
+    # reentrant write to the same buffered file, which fails, and the line is lost.
     del frame
-    logging.warning('Got %s: saving a checkpoint after this step, then exiting. Signal again '
-                    'to abort without saving.', signal.Signals(signum).name)
     received.append(signum)
     for sig, old in previous.items():
       signal.signal(sig, old)
+
+  def signalled() -> bool:
+    nonlocal announced
+    if received and not announced:
+      logging.warning('Got %s: saving a checkpoint after this step, then exiting. Signal again '
+                      'to abort without saving.', signal.Signals(received[0]).name)
+      announced = True
+    return bool(received)
 
   if threading.current_thread() is threading.main_thread():  # Python's rule for handlers.
     previous.update({sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)})
   try:
     if jax.process_count() == 1:
-      yield lambda step: bool(received)
+      yield lambda step: signalled()
       return
     service = _preemption_service_running()
     any_vote = jax.jit(jnp.max, out_shardings=step_lib.replicated(mesh))
     pending = []
 
     def requested(step):
-      local_votes = np.full(len(mesh.local_devices), int(bool(received)), np.int32)
+      local_votes = np.full(len(mesh.local_devices), int(signalled()), np.int32)
       pending.append(any_vote(jax.make_array_from_process_local_data(
           step_lib.batch_sharding(mesh), local_votes)))
       voted = len(pending) > 1 and bool(pending.pop(0))
