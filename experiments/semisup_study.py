@@ -16,8 +16,8 @@ before it runs), for --minutes_per_model of wall-clock time each (or --max_steps
                VAT does without HALI;
   hali_vat_ent_bal  configs/mnist_semisup.py:vat_ent_bal, the opt-in recipe (not in the
                paper): HALI with VAT, entropy minimisation and class balance on the unlabelled
-               batch, these and eq. 10 at weight 3 against the adversarial cost, VAT's
-               epsilon 4, and the weights' moving average evaluated;
+               batch, these and eq. 10 at weight 3 against the adversarial cost but the
+               balance at 2, VAT's epsilon 4, and the weights' moving average evaluated;
   labels_only_vat_ent_bal  the same settings, no adversarial game;
 once per label seed (semisup.label_seed: which 100 training images are labelled), in
 DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's errors and those of

@@ -165,12 +165,12 @@ def test_mnist_semisup_config_is_consistent():
     # Its labelled batch fits its labelled set.
     semisup.make_generator_term(model, classifier, blocks(config.semisup.labels_per_class),
                                 config.semisup)
-  # The opt-in recipe: the three unlabelled terms and eq. 10 at weight 3, VAT's epsilon 4, the
-  # EMA evaluated.
+  # The opt-in recipe: eq. 10, VAT and entropy at weight 3, the class balance at 2, VAT's
+  # epsilon 4, the EMA evaluated.
   recipe, default = mnist_semisup.get_config('vat_ent_bal'), mnist_semisup.get_config()
   assert (recipe.semisup.weight, recipe.semisup.vat_weight, recipe.semisup.entropy_weight,
           recipe.semisup.balance_weight, recipe.semisup.vat_epsilon,
-          recipe.optim.ema_decay) == (3.0, 3.0, 3.0, 3.0, 4.0, 0.999)
+          recipe.optim.ema_decay) == (3.0, 3.0, 3.0, 2.0, 4.0, 0.999)
   assert recipe.model == default.model
   with pytest.raises(UserError, match='valid options: tiny, ali, lean, table4, vat_ent_bal'):
     mnist_semisup.get_config('vat')
