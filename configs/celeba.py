@@ -6,7 +6,7 @@ preprocessing). The paper gives no batch size or length: global batch 64 at 128x
 64x64, 100k steps (~40 and ~60 epochs of the 163k training images) are our choice.
 """
 
-from configs import apply_options, base_config, parse_options
+from configs import apply_options, base_config, convolutional_recipe, parse_options
 
 
 def get_config(arg: str | None = None):
@@ -21,5 +21,6 @@ def get_config(arg: str | None = None):
   config.model.z_dim = 256
   config.batch_size = 100 if size == 64 else 64
   config.num_train_steps = 100_000
+  convolutional_recipe(config)
   apply_options(config, options)
   return config

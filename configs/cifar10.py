@@ -2,13 +2,22 @@
 
 The paper gives no batch size or length: global batch 100 (ALI's) and 100k steps (200 epochs
 of the 50k training images) are our choice.
+
+Every convolutional config's recipe (configs/__init__.py: convolutional_recipe).
+
+Option `cpu`: the same networks (Table 4's '32' pattern, the same code path, the same latents)
+at width 0.125, for watching the paper's networks train on a laptop before renting
+accelerators; probes every 1000 steps. Its runs: experiments/RESULTS.md, "The convolutional
+networks on CIFAR-10".
 """
 
-from configs import apply_options, base_config, parse_options
+from configs import apply_options, base_config, convolutional_recipe, parse_options
+
+OPTIONS = ('cpu',)  # Beyond configs/__init__.py's COMMON_OPTIONS.
 
 
 def get_config(arg: str | None = None):
-  options = parse_options(arg)
+  options = parse_options(arg, extra=OPTIONS)
   config = base_config()
   config.dataset = 'cifar10'
   config.image_size = 32
@@ -17,5 +26,10 @@ def get_config(arg: str | None = None):
   config.model.z_dim = 256
   config.batch_size = 100
   config.num_train_steps = 100_000
+  convolutional_recipe(config)
+  if 'cpu' in options:
+    config.model.width = 0.125
+    config.eval_every_steps = 1_000
+    config.checkpoint_every_steps = 2_500
   apply_options(config, options)
   return config

@@ -5,7 +5,7 @@ Images: shorter side resized to 128, centre crop. The labelled held-out split is
 batch 64 and 400k steps (~20 epochs of the 1.28M training images) are our choice.
 """
 
-from configs import apply_options, base_config, parse_options
+from configs import apply_options, base_config, convolutional_recipe, parse_options
 
 
 def get_config(arg: str | None = None):
@@ -24,5 +24,6 @@ def get_config(arg: str | None = None):
   # 1000 classes: the probes' 5000 training images hold 5 of each, and a logistic regression on
   # 49152 pixels to 1000 classes is no quick probe. Reconstructions and D's accuracy remain.
   config.probes.classes = False
+  convolutional_recipe(config)
   apply_options(config, options)
   return config

@@ -8,11 +8,12 @@ whose means start at the prior's scale (model.mean_init 'unit') with log-varianc
 (simultaneous updates, input noise 0.2, D's dropout). Options:
   lean    the '28-lean' convolutional architecture (z_1 4x14x14, z_2 64), the former default;
   table4  the '28' architecture, Table 4's pattern at half width, z_1 16x14x14.
-Both keep the former settings (Adam 1e-4, flax's default initialisation of the mean heads).
+Both take the convolutional configs' recipe (configs/__init__.py: convolutional_recipe, the
+mean heads initialised on the data) and Adam at 1e-4.
 Global batch 100 (ALI's); 50k steps is ~83 epochs of the 60k training images.
 """
 
-from configs import apply_options, base_config, parse_options
+from configs import apply_options, base_config, convolutional_recipe, parse_options
 from hali_jax.errors import UserError
 
 
@@ -33,10 +34,12 @@ def get_config(arg: str | None = None, *, mlp_z_dim: int = 128):
     config.model.width = 0.5
     config.model.z_channels = 16
     config.model.logvar_init = 0.0
+    convolutional_recipe(config)
   elif 'lean' in options:
     config.model.arch = '28-lean'
     config.model.width = 1.0
     config.model.z_channels = 4
+    convolutional_recipe(config)
   else:
     config.model.arch = 'mlp'
     config.model.width = 1.0

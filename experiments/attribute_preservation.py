@@ -4,12 +4,13 @@
       --output_dir=OUT [--data_dir=TFDS_DIR] [--test_examples=N] [--classifier_dir=DIR]
 
 The attribute classifier (hali_jax/attribute_classifier.py; trained on the training split's
-labels on its first use, then reused from --classifier_dir) predicts every attribute of the
-test images ("Data": its balanced accuracy against their labels, in percent) and of each run's
-reconstructions x_hat_l of the same images from every level l (the kernels' means), scored
-against the originals' labels and given as a percentage of the data row's score on that
-attribute (Table 1's normalisation). Writes attribute_preservation.csv/.md (per attribute,
-Table 5) and attribute_preservation_summary.csv/.md (Table 1; # Best among the runs' rows).
+labels on its first use, then reused from --classifier_dir) predicts every attribute (for a
+dataset with classes, the most probable class, scored one-vs-rest) of the test images ("Data":
+its balanced accuracy against their labels, in percent) and of each run's reconstructions x_hat_l
+of the same images from every level l (the kernels' means), scored against the originals' labels
+and given as a percentage of the data row's score on that attribute (Table 1's normalisation).
+Writes attribute_preservation.csv/.md (per attribute, Table 5) and
+attribute_preservation_summary.csv/.md (Table 1; # Best among the runs' rows).
 """
 
 import functools

@@ -103,8 +103,9 @@ class Architecture:
   disc_z_paths: tuple[tuple[Layer, ...], ...] = ()
   # Initial log-variance of every Gaussian layer (the bias of its log-variance head).
   logvar_init: float = 0.0
-  # Initializer of every Gaussian layer's mean head: 'default' (lecun_normal, flax's default), or
-  # 'unit' (the latent means start at the prior's scale; see `GaussianKernel`).
+  # Initializer of every Gaussian layer's mean head: 'default' (lecun_normal, flax's default),
+  # 'unit' (the latent means start at the prior's scale, in closed form) or 'data' (exactly so,
+  # on a batch of the data); see `models.GaussianKernel`.
   mean_init: str = 'default'
   # dtype of the networks' computations: 'float32', or 'bfloat16' (mixed precision: parameters,
   # batch-norm statistics, Gaussian layers, logits and losses stay float32).
@@ -146,7 +147,7 @@ def _halving_sides(side: int, target: int) -> list[int]:
 
 
 DROPOUT_RATES = ('table', 'text')
-MEAN_INITS = ('default', 'unit')
+MEAN_INITS = ('default', 'unit', 'data')
 
 
 def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,

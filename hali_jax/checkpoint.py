@@ -296,7 +296,7 @@ def _abstract_variables(config, model: models.HALI, image_shape, sharding) -> di
   optimizer involved."""
   # The run's own initial state with identity optimizers: its variables, no optimizer state.
   state = jax.eval_shape(methods.init_fn(config, model, image_shape, optax.identity(),
-                                         optax.identity()))
+                                         optax.identity(), shapes_only=True))
   variables = {'params': state.params, 'batch_stats': state.batch_stats, 'ema': state.ema}
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                       variables)

@@ -44,9 +44,13 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.z_dim = 256  # Size of the top latent z_L (a vector).
   # Initial log-variance of every Gaussian kernel (the bias of its log-variance head).
   c.model.logvar_init = 0.0
-  # Initialisation of every Gaussian kernel's mean head: 'default' (flax's LeCun normal) or
-  # 'unit' (He's, for leaky ReLU: latent means start at about unit variance, the prior's scale).
+  # Initialisation of every Gaussian kernel's mean head: 'default' (flax's LeCun normal),
+  # 'unit' (He's, for leaky ReLU: latent means start at about unit variance, the prior's scale,
+  # where the kernel's body ends in batch norm and a leaky ReLU, as the 'mlp''s do) or 'data'
+  # (each latent channel starts at mean 0 and std 1, the prior's, on the first
+  # model.init_examples training images: a data-dependent initialisation, for any body).
   c.model.mean_init = 'default'
+  c.model.init_examples = 256
   c.model.input_noise_std = 0.2  # Gaussian noise on the inputs of the encoder and discriminator.
   # Annealed instance noise, opt-in (beyond Algorithm 1): extra Gaussian noise on D's inputs
   # only, its std falling linearly from instance_noise_std at step 0 to 0 at instance_noise_steps.
@@ -225,7 +229,8 @@ FIELD_RULES = {
     'model.z_channels': _POSITIVE_INT,
     'model.z_dim': _POSITIVE_INT,
     'model.logvar_init': _number(float),
-    'model.mean_init': _one_of('default', 'unit'),
+    'model.mean_init': _one_of('default', 'unit', 'data'),
+    'model.init_examples': _number(int, 2),
     'model.input_noise_std': _number(float, 0),
     'model.instance_noise_std': _number(float, 0),
     'model.instance_noise_steps': _POSITIVE_INT,

@@ -13,8 +13,10 @@ import functools
 from typing import Callable
 
 import ml_collections
+import numpy as np
 
 from hali_jax import default_config
+from hali_jax import input_pipeline
 from hali_jax import models
 from hali_jax import semisup
 from hali_jax import step as step_lib
@@ -60,23 +62,49 @@ def classifier(config: ml_collections.ConfigDict,
   return semisup.create_classifier(config, model) if config.semisup.enabled else None
 
 
+def init_images(config: ml_collections.ConfigDict, model: models.HALI, image_shape, *,
+                shapes_only: bool = False, synthetic: bool = False) -> np.ndarray | None:
+  """The batch a data-dependent initialisation sees (model.mean_init 'data'): the first
+  config.model.init_examples training images (all, if fewer), the same on every process; None
+  for the other initialisations. `shapes_only`: zeros of that shape, for an initializer that is
+  only eval_shape'd. `synthetic`: uniform noise in [-1, 1] of that shape (a benchmark without
+  the dataset)."""
+  if model.arch.mean_init != 'data':
+    return None
+  shape = (config.model.init_examples,) + tuple(image_shape)
+  if shapes_only:  # The state's shapes do not depend on the batch's size: no data is read.
+    return np.zeros(shape, np.float32)
+  if synthetic:
+    return np.random.default_rng(config.seed).uniform(-1, 1, shape).astype(np.float32)
+  split = config.input.train_split
+  count = min(config.model.init_examples, input_pipeline.split_size(config, split))
+  return input_pipeline.load_split(config, split, count)['image']
+
+
 def init_fn(config: ml_collections.ConfigDict, model: models.HALI, image_shape, tx_g,
-            tx_d) -> Callable[[], step_lib.TrainState]:
-  """The pure function that builds the initial state (jit it, or eval_shape it to restore)."""
+            tx_d, *, shapes_only: bool = False,
+            synthetic: bool = False) -> Callable[[], step_lib.TrainState]:
+  """The pure function that builds the initial state (jit it, or eval_shape it to restore, with
+  `shapes_only`: a data-dependent initialisation then reads no data; `synthetic`: it reads noise
+  instead, see `init_images`)."""
   image_shape = tuple(image_shape)
+  images = init_images(config, model, image_shape, shapes_only=shapes_only, synthetic=synthetic)
   head = classifier(config, model)
   if head is not None:
     return functools.partial(semisup.init_state, model, head, image_shape, tx_g, tx_d,
-                             config.seed)
-  return functools.partial(step_lib.init_state, model, image_shape, tx_g, tx_d, config.seed)
+                             config.seed, images)
+  return functools.partial(step_lib.init_state, model, image_shape, tx_g, tx_d, config.seed,
+                           images)
 
 
 def state_initializer(config: ml_collections.ConfigDict, model: models.HALI, image_shape,
-                      mesh) -> Callable[[], step_lib.TrainState]:
-  """The jitted initializer of the state, replicated on `mesh` (call it, or its .eval_shape())."""
+                      mesh, synthetic: bool = False) -> Callable[[], step_lib.TrainState]:
+  """The jitted initializer of the state, replicated on `mesh` (call it, or its .eval_shape());
+  `synthetic`: see `init_images`."""
   tx_g, tx_d = step_lib.make_optimizers(config)
-  return step_lib.jit_initializer(init_fn(config, model, image_shape, tx_g, tx_d), mesh,
-                                  config.quick_compile)
+  return step_lib.jit_initializer(
+      init_fn(config, model, image_shape, tx_g, tx_d, synthetic=synthetic), mesh,
+      config.quick_compile)
 
 
 def create_state(config: ml_collections.ConfigDict, model: models.HALI, image_shape,

@@ -109,6 +109,28 @@ class Gaussian(NamedTuple):
   logvar: jax.Array
 
 
+class StandardizingHead(nn.Module):
+  """A 1x1 convolution whose kernel and bias are set at initialisation from the batch it is
+  initialised on, so that each output channel starts at mean 0 and std 1 over that batch
+  (and its positions): a data-dependent initialisation, as Salimans & Kingma's for weight norm.
+  The parameters are nn.Conv's, kernel [1, 1, C_in, C] and bias [C]; after initialisation it
+  is a plain 1x1 convolution."""
+  features: int
+
+  @nn.compact
+  def __call__(self, h):
+    rows = lambda kernel: h.reshape(-1, h.shape[-1]) @ kernel.reshape(kernel.shape[-2:])
+
+    def kernel_init(key, shape):
+      kernel = nn.initializers.lecun_normal()(key, shape)
+      return kernel / jnp.maximum(jnp.std(rows(kernel), axis=0), 1e-6)
+
+    kernel = self.param('kernel', kernel_init, (1, 1, h.shape[-1], self.features))
+    bias = self.param('bias', lambda key, shape: -jnp.mean(rows(kernel), axis=0),
+                      (self.features,))
+    return jnp.einsum('...c,cd->...d', h, kernel[0, 0]) + bias
+
+
 class GaussianLayer(nn.Module):
   """Mean and log-variance heads (1x1 convolutions) and a reparameterized sample.
 
@@ -120,14 +142,21 @@ class GaussianLayer(nn.Module):
   # lecun_normal, flax's default); its input is taken less `mean_input_offset`.
   mean_init_scale: float = 1.0
   mean_input_offset: float = 0.0
+  # The mean head standardises its output on the batch it is initialised on
+  # (`StandardizingHead`; the two fields above are then unused).
+  standardize_mean: bool = False
 
   @nn.compact
   def __call__(self, h, key: jax.Array | None) -> Gaussian:
     channels = self.shape[-1]
-    mean_init = nn.initializers.variance_scaling(self.mean_init_scale, 'fan_in', 'truncated_normal')
-    mean_input = h - self.mean_input_offset if self.mean_input_offset else h
-    mean = nn.Conv(channels, (1, 1), kernel_init=mean_init, name='mean')(mean_input).reshape(
-        (h.shape[0],) + self.shape)
+    if self.standardize_mean:
+      mean = StandardizingHead(channels, name='mean')(h)
+    else:
+      mean_init = nn.initializers.variance_scaling(self.mean_init_scale, 'fan_in',
+                                                   'truncated_normal')
+      mean_input = h - self.mean_input_offset if self.mean_input_offset else h
+      mean = nn.Conv(channels, (1, 1), kernel_init=mean_init, name='mean')(mean_input)
+    mean = mean.reshape((h.shape[0],) + self.shape)
     logvar = nn.Conv(channels, (1, 1), bias_init=nn.initializers.constant(self.logvar_init),
                      name='logvar')(h).reshape((h.shape[0],) + self.shape)
     if key is None:
@@ -147,6 +176,9 @@ class GaussianKernel(nn.Module):
   mean_init 'unit': each latent mean starts as a draw from the prior, N(0, 1) per dimension over
   the data, where lecun_normal ('default') gives it a smaller spread and an offset per
   dimension, by which D can tell the encoder's latents from the prior's from the first step.
+  'data' does so exactly, for any body, from a batch of the data (`StandardizingHead`): the
+  convolutional bodies end in layers (a leaky ReLU without batch norm, a linear layer) that
+  leave 'unit''s closed form below with offsets of 0.4-0.8 per channel.
   For a body ending in batch norm and a leaky ReLU of slope s, each feature f = lrelu(N(0, 1))
   has mean m = (1 - s) / sqrt(2 pi) and variance v = (1 + s^2) / 2 - m^2: the mean head reads
   f - m (its bias, in effect, starts at -m times its kernel's column sums), with a kernel of
@@ -167,8 +199,9 @@ class GaussianKernel(nn.Module):
       offset = (1 - self.slope) / math.sqrt(2 * math.pi)
       scale = 1 / ((1 + self.slope**2) / 2 - offset**2)
     # The Gaussian layer in float32: latents, their noise and the VAE's densities stay exact.
-    return GaussianLayer(self.out_shape, self.logvar_init, scale, offset, name='gaussian')(
-        h.astype(jnp.float32), key)
+    return GaussianLayer(self.out_shape, self.logvar_init, scale, offset,
+                         standardize_mean=self.mean_init == 'data', name='gaussian')(
+                             h.astype(jnp.float32), key)
 
 
 class Encoder(nn.Module):

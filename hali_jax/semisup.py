@@ -127,9 +127,9 @@ def create_classifier(config: ml_collections.ConfigDict, model: models.HALI) -> 
 
 
 def init_state(model: models.HALI, classifier: Classifier, image_shape, tx_g, tx_d,
-               seed: int) -> step.TrainState:
+               seed: int, init_images: jax.Array | None = None) -> step.TrainState:
   """`step.init_state` with the classifier's params among the generator's, and in opt_state_g."""
-  state = step.init_state(model, image_shape, tx_g, tx_d, seed)
+  state = step.init_state(model, image_shape, tx_g, tx_d, seed, init_images)
   key = step.run_keys(seed)['classifier_init']
   zs = [jnp.zeros((1,) + shape) for shape in model.arch.latent_shapes]
   params = {**state.params, CLASSIFIER: classifier.init(key, zs)['params']}

@@ -99,13 +99,23 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
   return dict(zip(RUN_KEY_NAMES, jax.random.split(jax.random.PRNGKey(seed), len(RUN_KEY_NAMES))))
 
 
-def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int) -> TrainState:
-  """A fresh state (pure: jit it with out_shardings, or eval_shape it for restoring)."""
+def init_state(model: nn.Module, image_shape, tx_g, tx_d, seed: int,
+               init_images: jax.Array | None = None) -> TrainState:
+  """A fresh state (pure: jit it with out_shardings, or eval_shape it for restoring).
+
+  `init_images` [N, H, W, C]: the batch a data-dependent initialisation (model.mean_init
+  'data') sees, through Algorithm 1's pass as in training (batch statistics, noise, dropout;
+  batch norm's running averages stay at their initial values). None: a data-free one.
+  """
   keys = run_keys(seed)
-  x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
   # Tracing Algorithm 1's pass needs keys of every purpose; these draw nothing that is kept.
   pass_keys = models.split_keys(keys['init'], model.arch.num_levels)
-  variables = model.init({'params': keys['init']}, x, pass_keys, train=False)
+  if init_images is None:
+    x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
+    variables = model.init({'params': keys['init']}, x, pass_keys, train=False)
+  else:
+    variables = model.init({'params': keys['init'], 'dropout': pass_keys['dropout']},
+                           jnp.asarray(init_images, jnp.float32), pass_keys, train=True)
   params = flax.core.unfreeze(variables['params'])
   g_params, d_params = split_params(params)
   batch_stats = flax.core.unfreeze(variables.get('batch_stats', {}))

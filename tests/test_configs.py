@@ -72,9 +72,33 @@ def test_options(name):
   assert ali.model.num_levels == 1 and latent_shapes(ali) == ((8,),)
   assert ali.batch_size == 8
 
-  valid = {'celeba': 'tiny, ali, 64', 'mnist': 'tiny, ali, lean, table4'}.get(name, 'tiny, ali')
+  valid = {'celeba': 'tiny, ali, 64', 'mnist': 'tiny, ali, lean, table4', 'cifar10': 'tiny, ali, cpu',
+           'svhn': 'tiny, ali, cpu'}.get(name, 'tiny, ali')
   with pytest.raises(UserError, match=f'Unknown config option.*huge.*valid options: {valid},'):
     get_config(name, 'tiny,huge')
+
+
+# The configs of Table 4's convolutional networks, each with its options.
+CONVOLUTIONAL = [('cifar10', None), ('cifar10', 'cpu'), ('svhn', 'cpu'), ('celeba', None),
+                 ('celeba', '64'), ('imagenet128', None), ('mnist', 'table4'), ('mnist', 'lean')]
+
+
+@pytest.mark.parametrize('name, arg', CONVOLUTIONAL)
+def test_convolutional_configs_take_the_recipe(name, arg):
+  config = get_config(name, arg)
+  assert config.model.arch != 'mlp' and config.model.mean_init == 'data'
+  train.validate_config(config)
+
+
+def test_cpu_option_is_table_4s_32_pattern_narrower():
+  """configs/cifar10.py:cpu: the full config's networks and latents, narrower; the folder
+  config takes it at 32x32 only."""
+  full, cpu = get_config('cifar10'), get_config('cifar10', 'cpu')
+  assert cpu.model.width < full.model.width
+  assert (cpu.model.arch, latent_shapes(cpu)) == (full.model.arch, latent_shapes(full))
+  assert get_config('folder', '32,cpu').model.width == cpu.model.width
+  with pytest.raises(UserError, match='option cpu .* add 32'):
+    get_config('folder', 'cpu')
 
 
 def test_mnist_takes_one_architecture_option():

@@ -120,15 +120,15 @@ def test_an_output_dir_that_is_a_file_is_a_user_error(workdir, tmp_path):
   a_file = tmp_path / 'a_file'
   a_file.write_text('')
   for command in (['experiments/samples.py', f'--workdir={workdir}'],
-                  ['experiments/speed/conv_gradients.py'], ['experiments/mnist_study.py'],
+                  ['experiments/speed/conv_gradients.py'], ['experiments/study.py'],
                   ['experiments/semisup_study.py']):
     result = subprocess.run([sys.executable, *command, f'--output_dir={a_file}'], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f'error: --output_dir={a_file} is a file' in result.stderr, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
-  # The studies check their budget and --output_dir before anything trains.
-  for study in ('mnist_study', 'semisup_study'):
+  # The studies check their budget, --output_dir and (study.py) --config before anything trains.
+  for study in ('study', 'semisup_study'):
     for flags, message in (([], '--output_dir=DIR is required'),
                            ([f'--output_dir={tmp_path / study}', '--minutes_per_model=0'],
                             '--minutes_per_model=0.0 must be positive')):
@@ -136,6 +136,14 @@ def test_an_output_dir_that_is_a_file_is_a_user_error(workdir, tmp_path):
                               capture_output=True, text=True, timeout=120)
       assert result.returncode == 2 and f'error: {message}' in result.stderr, result.stderr
       assert not (tmp_path / study).exists()
+  for config, message in (('configs/nope.py', 'configs/nope.py is not a config file'),
+                          ('configs/cifar10.py:tiny,ali', 'drop the option ali'),
+                          ('configs/cifar10.py:huge', 'Unknown config option(s) huge')):
+    result = subprocess.run([sys.executable, 'experiments/study.py', f'--config={config}',
+                             f'--output_dir={tmp_path / "study"}'], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert 'Traceback' not in result.stderr and not (tmp_path / 'study').exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,25 +231,32 @@ def mock_data_env(directory: Path) -> dict:
   return env
 
 
-def test_mnist_study_end_to_end(tmp_path):
+def test_study_end_to_end(tmp_path):
   """The study's pipeline on a tiny budget: every command runs (each in its own process, on mock
   data) and the summary gathers their tables."""
   out = tmp_path / 'study'
   result = subprocess.run(
-      [sys.executable, 'experiments/mnist_study.py', f'--output_dir={out}',
-       '--config_options=tiny', '--max_steps_per_model=2', '--checkpoint_every_steps=1',
+      [sys.executable, 'experiments/study.py', '--config=configs/mnist.py:tiny',
+       f'--output_dir={out}', '--max_steps_per_model=2', '--checkpoint_every_steps=1',
        '--svm_train_examples=16', '--test_examples=12', '--classifier_epochs=1',
        '--classifier_width=0.125'], cwd=REPO, env=mock_data_env(tmp_path), capture_output=True,
       text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-5000:]
   summary = (out / 'summary.md').read_text()
-  for model in ('hali', 'ali', 'vae'):
+  assert summary.startswith('# Study on mnist: HALI (L = 2), ALI, VAE\n')
+  assert '`python experiments/study.py --config=configs/mnist.py:tiny ' in summary
+  for model, levels in (('hali', 2), ('ali', 1), ('vae', 2)):
     assert f'| {model} | 2 |' in summary
     assert json.loads((out / model / 'study_time.json').read_text())['seconds'] > 0
-    for name in ('samples.png', 'reconstructions.png', 'reconstruction_error.png'):
-      assert (out / model / 'analysis' / name).is_file()
+    analysis_dir = out / model / 'analysis'
+    pairs = [f'reconstructions_z{level}.png' for level in range(1, levels + 1)]
+    for name in ('samples.png', 'reconstructions.png', 'reconstruction_error.png', *pairs):
+      assert (analysis_dir / name).is_file()
+      assert str(analysis_dir / name) in summary
+    assert not (analysis_dir / f'reconstructions_z{levels + 1}.png').exists()
   assert (out / 'tables' / 'probe_curves.png').is_file()
-  for heading in ('Table 2', '10-class probes', 'probes of training', 'Table 1', 'Frechet',
+  for heading in ('Table 2', '10-class probes', 'probes of training at the last evaluation (16 '
+                  'training and 8 test images', 'Table 1', 'Frechet',
                   'hali: reconstruction error per level'):
     assert heading in summary
   assert '| ali z1 |' in summary and '| vae x_hat_2 |' in summary

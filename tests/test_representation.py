@@ -174,6 +174,16 @@ def test_classes_become_one_vs_rest_attributes():
   np.testing.assert_array_equal(attributes, np.eye(10, dtype=np.int32)[[3, 0, 9]])
 
 
+def test_cifar10_classes_are_named(shared_tfds):
+  """The tables' rows: the names in the prepared dataset's metadata (the mock's are digits)."""
+  if not (shared_tfds / 'cifar10').is_dir():
+    pytest.skip(f'CIFAR-10 not found in {shared_tfds}')
+  config = make_config('cifar10', 32)
+  config.data_dir = str(shared_tfds)
+  assert input_pipeline.attribute_names(config) == (
+      'airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
 # --------------------------------------------------------------------------------------------
 # The attribute classifier: trained once, kept, reused, refused for other data.
 # --------------------------------------------------------------------------------------------
@@ -184,14 +194,17 @@ def test_vgg_depth_follows_the_image_side():
       3, 3, 4, 5]
 
 
-def test_classifier_is_trained_once_and_reused(tmp_path, monkeypatch):
-  config = make_config('mnist')
+@pytest.mark.parametrize('dataset, image_size, other', [
+    ('mnist', 28, ('cifar10', 32)), ('cifar10', 32, ('mnist', 28))])
+def test_classifier_is_trained_once_and_reused(tmp_path, monkeypatch, dataset, image_size, other):
+  config = make_config(dataset, image_size)
   directory = str(tmp_path / 'classifier')
   with mock_tfds(num_examples=24):
     images = input_pipeline.load_split(config, 'test', limit=6)['image']
     trained = attribute_classifier.load_or_train(config, directory, width=0.125, epochs=1)
     metadata = json.loads((tmp_path / 'classifier' / attribute_classifier.METADATA).read_text())
-    assert metadata['dataset'] == 'mnist' and metadata['attributes'] == list('0123456789')
+    # Mock data name every dataset's classes by their numbers.
+    assert metadata['dataset'] == dataset and metadata['attributes'] == list('0123456789')
 
     def no_training(*args, **kwargs):
       raise AssertionError('trained again')
@@ -201,14 +214,28 @@ def test_classifier_is_trained_once_and_reused(tmp_path, monkeypatch):
     np.testing.assert_array_equal(reused.predict(images), trained.predict(images))
     np.testing.assert_allclose(reused.features(images), trained.features(images), rtol=1e-6)
     assert trained.predict(images).shape == (6, 10)
+    # Classes: exactly one predicted per image, the most probable.
+    np.testing.assert_array_equal(trained.predict(images).argmax(1),
+                                  trained._apply(images)[0].argmax(1))
+    np.testing.assert_array_equal(trained.predict(images).sum(1), np.ones(6))
 
     with pytest.raises(UserError, match='width: 0.125 there, 0.5 wanted'):
       attribute_classifier.load_or_train(config, directory, width=0.5)
-    other = make_config('cifar10', 32)
-    with pytest.raises(UserError, match="dataset: 'mnist' there, 'cifar10' wanted"):
-      attribute_classifier.load_or_train(other, directory, width=0.125)
+    with pytest.raises(UserError, match=f"dataset: '{dataset}' there, '{other[0]}' wanted"):
+      attribute_classifier.load_or_train(make_config(*other), directory, width=0.125)
   # No staging directory is left beside it.
   assert os.listdir(tmp_path) == ['classifier']
+
+
+def test_celeba_classifier_judges_each_attribute_alone():
+  """Attributes, unlike classes, are not exclusive: one sigmoid each, thresholded at 1/2."""
+  config = make_config('celeb_a', 64, crop_size=140)
+  with mock_tfds(num_examples=12):
+    images = input_pipeline.load_split(config, 'test', limit=4)['image']
+    classifier = attribute_classifier.train(config, width=0.125, epochs=1)
+  logits = classifier._apply(images)[0]
+  assert not classifier.classes and logits.shape == (4, 40)
+  np.testing.assert_array_equal(classifier.predict(images), (logits > 0).astype(np.int32))
 
 
 def test_unreadable_classifier_directory(tmp_path):

@@ -237,7 +237,7 @@ def benchmark(config) -> dict:
   compiles = report['compile_seconds']
 
   # Compile every function the training program jits, each from a cold start.
-  init = methods.state_initializer(config, model, image_shape, mesh)
+  init = methods.state_initializer(config, model, image_shape, mesh, FLAGS.synthetic_data)
   init_compiled, compiles['init_state'] = compile_seconds(init)
   state = init_compiled()
   if FLAGS.synthetic_data:
