@@ -6,9 +6,9 @@
 Options after the colon, comma-separated: the image side and architecture, 64 (default), 28, 32
 or 128, each with the model settings of the paper's dataset of that size (28: configs/mnist.py,
 32: configs/cifar10.py, 64 and 128: configs/celeba.py); `grey` for one channel; and the common
-`tiny` and `ali`, and with 32 configs/cifar10.py's `cpu`. E.g. configs/folder.py:32,grey. Images are
-centre-cropped to squares and
-resized; subfolders, if every image is in one, are the classes; 5% are held out as 'test'.
+`tiny` and `ali`, and with 32 configs/cifar10.py's `cpu`. E.g. configs/folder.py:32,grey. Images
+are centre-cropped to squares and resized; subfolders, if every image is in one, are the classes;
+5% are held out as 'test'.
 """
 
 from configs import celeba, cifar10, mnist, parse_options
