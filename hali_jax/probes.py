@@ -52,10 +52,13 @@ PROBES_FILE = 'probes.jsonl'
 
 @functools.partial(jax.jit, static_argnames=('num_classes', 'iterations'))
 def _fit_logistic(x, y, l2, *, num_classes: int, iterations: int):
-  """(W, b) minimising mean cross-entropy + l2 / 2 ||W||^2 by L-BFGS (a convex problem)."""
+  """(W [num_classes, D], b) minimising mean cross-entropy + l2 / 2 ||W||^2 by L-BFGS (a convex
+  problem)."""
   def loss(params):
     w, b = params
-    logits = x @ w + b
+    # W is [num_classes, D], not [D, num_classes]: the gradient x^T (p - y) then comes out [K, D],
+    # a product XLA's CPU runs ~6x faster than into [D, K] (the fit's cost at D = 16384).
+    logits = x @ w.T + b
     return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             + 0.5 * l2 * jnp.sum(w * w))
 
@@ -68,9 +71,18 @@ def _fit_logistic(x, y, l2, *, num_classes: int, iterations: int):
     updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=loss)
     return optax.apply_updates(params, updates), state
 
-  params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
+  params = (jnp.zeros((num_classes, x.shape[1])), jnp.zeros((num_classes,)))
   params, _ = jax.lax.fori_loop(0, iterations, iteration, (params, solver.init(params)))
   return params
+
+
+@jax.jit
+def _standardise(train_x, test_x):
+  # By XLA, in float32, and left on the device for the fit: numpy's passes over 5000 x 16384
+  # features took a seventh of the fit's time.
+  mean, std = jnp.mean(train_x, axis=0), jnp.std(train_x, axis=0)
+  scale = jnp.where(std > 1e-6, 1 / jnp.maximum(std, 1e-6), 0)
+  return (train_x - mean) * scale, (test_x - mean) * scale
 
 
 def logistic_predictions(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -82,12 +94,11 @@ def logistic_predictions(train_x: np.ndarray, train_y: np.ndarray, test_x: np.nd
   stay 0), so one fixed `l2` suits pixels and every level alike; it is set a priori, never
   chosen on the test examples.
   """
-  mean, std = train_x.mean(0), train_x.std(0)
-  scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0).astype(np.float32)
-  standardise = lambda v: ((v - mean) * scale).astype(np.float32)
-  w, b = _fit_logistic(standardise(train_x), np.asarray(train_y, np.int32), l2,
+  train_x, test_x = _standardise(jnp.asarray(train_x, jnp.float32),
+                                 jnp.asarray(test_x, jnp.float32))
+  w, b = _fit_logistic(train_x, jnp.asarray(train_y, jnp.int32), l2,
                        num_classes=num_classes, iterations=iterations)
-  return np.argmax(standardise(test_x) @ np.asarray(w) + np.asarray(b), axis=1)
+  return np.asarray(jnp.argmax(test_x @ w.T + b, axis=1))
 
 
 def logistic_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
@@ -108,7 +119,7 @@ def _nearest(train_x, test_x):
 def nearest_neighbour_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
                                test_y: np.ndarray, chunk: int = 1000) -> float:
   """Test accuracy of the 1-nearest neighbour (Euclidean) among the training examples."""
-  train_x = np.asarray(train_x, np.float32)
+  train_x = jnp.asarray(train_x, jnp.float32)  # On the device once, not once per chunk.
   hits = 0
   for start in range(0, len(test_x), chunk):
     part = np.asarray(test_x[start:start + chunk], np.float32)

@@ -4,6 +4,7 @@ checked by tests/test_train.py's runs."""
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
 
 from hali_jax import probes
 
@@ -27,6 +28,27 @@ def test_logistic_predictions_on_a_separable_set():
   test_x = corners[[3, 1, 2, 0]] + 0.5
   np.testing.assert_array_equal(
       probes.logistic_predictions(train_x, train_y, test_x, num_classes=4), [3, 1, 2, 0])
+
+
+def test_logistic_predictions_are_those_of_the_exact_minimiser_with_more_features_than_examples():
+  # The probes' case (z_1: 16384 features, 5000 examples), small: 200 features, 60 examples, 3
+  # classes barely apart (about 60% accuracy, so many test points lie near a boundary), one
+  # feature constant. With l2 = 1e-2 the 100 L-BFGS iterations reach the minimiser to ~1e-6,
+  # so every prediction must be the one of scikit-learn's fit of the same objective (mean
+  # cross-entropy + l2 / 2 ||W||^2, bias free: C = 1 / (l2 N)) on the same standardisation.
+  rng = np.random.default_rng(0)
+  centres = 0.12 * rng.normal(size=(3, 200))
+  train_y, test_y = np.arange(60) % 3, rng.integers(0, 3, 600)
+  train_x = centres[train_y] + rng.normal(size=(60, 200))
+  test_x = centres[test_y] + rng.normal(size=(600, 200))
+  train_x[:, 5], test_x[:, 5] = 2.0, 3.0
+  l2 = 1e-2
+  mean, std = train_x.mean(0), train_x.std(0)
+  scale = np.where(std > 1e-6, 1 / np.maximum(std, 1e-6), 0)
+  reference = LogisticRegression(C=1 / (l2 * 60), tol=1e-12, max_iter=10_000).fit(
+      (train_x - mean) * scale, train_y).predict((test_x - mean) * scale)
+  np.testing.assert_array_equal(
+      probes.logistic_predictions(train_x, train_y, test_x, num_classes=3, l2=l2), reference)
 
 
 def test_logistic_regression_on_features_without_information_predicts_the_common_class():
