@@ -18,12 +18,19 @@ TIME_FILE = 'study_time.json'
 
 
 def run(command: list[str]) -> None:
-  """Runs one of the project's commands from the repository root; UserError if it fails."""
+  """Runs one of the project's commands from the repository root, its messages passed through;
+  UserError if it fails, quoting its last `error: ...` line."""
   logging.info('$ %s', ' '.join(command))
-  result = subprocess.run([sys.executable] + command, cwd=REPO)
-  if result.returncode:
-    raise UserError(f'`python {" ".join(command)}` failed with status {result.returncode}; '
-                    'its messages are above.')
+  process = subprocess.Popen([sys.executable] + command, cwd=REPO, stderr=subprocess.PIPE,
+                             text=True)
+  error = None
+  for line in process.stderr:
+    sys.stderr.write(line)
+    if line.startswith('error: '):
+      error = line[len('error: '):].strip()
+  if process.wait():
+    raise UserError(f'`python {" ".join(command)}` failed with status {process.returncode}: '
+                    f'{error or "its messages are above"}')
 
 
 def output_dir(path: str | None, minutes: float) -> str:
@@ -41,16 +48,18 @@ def train(name: str, workdir: str, config_file: str, options: Sequence[str], *, 
           overrides: Sequence[str] = ()) -> dict:
   """Trains (or resumes) one model with `python -m hali_jax.main --config=CONFIG_FILE:OPTIONS`
   (seed, data dir and `overrides` on the command line) within what is left of its `minutes` (or
-  up to `max_steps`), checkpointing and evaluating every `every_steps`; returns its time record,
-  kept in WORKDIR/study_time.json. A model whose budget is spent, or which has reached
-  `max_steps`, is not trained again."""
+  up to `max_steps`), evaluating (with an analysis snapshot) and checkpointing every
+  `every_steps`, keeping the last few full states; returns its time record, kept in
+  WORKDIR/study_time.json, with the run's 'error' if it failed. A model whose budget is spent,
+  or which has reached `max_steps`, is not trained again, unless its last invocation failed: it
+  then resumes (for at least a step, to save its final state)."""
   time_path = os.path.join(workdir, TIME_FILE)
   record = dict(seconds=0.0)
   if os.path.exists(time_path):
     with open(time_path) as f:
       record = json.load(f)
   left = minutes - record['seconds'] / 60
-  if left <= 0:
+  if left <= 0 and not record.get('error'):
     logging.info('%s: its %g minutes are spent; not training again.', name, minutes)
     return record
   if os.path.isdir(os.path.join(workdir, 'checkpoints')) and last_step(workdir) >= max_steps:
@@ -59,17 +68,32 @@ def train(name: str, workdir: str, config_file: str, options: Sequence[str], *, 
   start = time.monotonic()
   options = ','.join(o for o in options if o)
   data = [f'--config.data_dir={data_dir}'] if data_dir else []
-  run(['-m', 'hali_jax.main', f'--config={config_file}{":" + options if options else ""}',
-       f'--workdir={workdir}', f'--config.seed={seed}', *data,
-       f'--config.num_train_steps={max_steps}', f'--config.stop_after_minutes={left}',
-       f'--config.checkpoint_every_steps={every_steps}',
-       f'--config.eval_every_steps={every_steps}', '--config.checkpoint_max_to_keep=1000',
-       *overrides])
+  record.pop('error', None)
+  try:
+    run(['-m', 'hali_jax.main', f'--config={config_file}{":" + options if options else ""}',
+         f'--workdir={workdir}', f'--config.seed={seed}', *data,
+         f'--config.num_train_steps={max_steps}',
+         f'--config.stop_after_minutes={max(left, 1e-3)}',
+         f'--config.checkpoint_every_steps={every_steps}',
+         f'--config.eval_every_steps={every_steps}', *overrides])
+  except UserError as e:  # Its own error line is above; the summary reports it too.
+    logging.warning('%s failed; going on with the other runs.', name)
+    record['error'] = str(e)
   record['seconds'] += time.monotonic() - start
   os.makedirs(workdir, exist_ok=True)
   with open(time_path, 'w') as f:
     json.dump(record, f)
   return record
+
+
+def check_finished(records: dict[str, dict], summary: str) -> None:
+  """UserError naming the runs whose training failed (`train`'s records by name), if any, once
+  `summary` holds the others."""
+  failed = [name for name, record in records.items() if record.get('error')]
+  if failed:
+    raise UserError(f'{len(failed)} of {len(records)} runs failed ({", ".join(failed)}; their '
+                    f'errors are above and in {summary}, which summarises the runs that '
+                    'finished). Run the same command again to resume them.')
 
 
 def last_step(workdir: str) -> int:

@@ -28,7 +28,8 @@ flags.DEFINE_string('workdir', None, 'Workdir of a training run (holds config.js
 flags.DEFINE_string('output_dir', None, 'Where the figures go; default WORKDIR/analysis.')
 flags.DEFINE_string('data_dir', None, 'tfds data dir of the held-out images, if not the one '
                     'in the run\'s config.json (e.g. the run was trained on another machine).')
-flags.DEFINE_integer('step', None, 'Checkpoint to analyse; default the latest.')
+flags.DEFINE_integer('step', None, 'Step to analyse (its snapshot or full state); default the '
+                     'latest.')
 flags.DEFINE_integer('num_examples', None, 'Held-out images (or samples) to use; each script '
                      'has its own default.')
 flags.DEFINE_integer('seed', 0, 'Seed of the draws from the prior (samples, traversals).')

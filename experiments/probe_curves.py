@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import common
 import comparison
 from hali_jax import probes
+from hali_jax import writers
 from hali_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -28,7 +29,7 @@ FLAGS = flags.FLAGS
 
 def load(workdir: str) -> tuple[dict, list[dict]]:
   """(baselines, evaluation records in step order) of one run."""
-  records = probes.read_records(workdir)
+  records = writers.read_records(workdir, probes.PROBES_FILE)
   baselines = next((r for r in records if r['kind'] == 'baselines'), None)
   evaluations = sorted((r for r in records if r['kind'] == 'probes'), key=lambda r: r['step'])
   if baselines is None or not evaluations:

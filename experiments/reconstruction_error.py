@@ -1,15 +1,16 @@
-"""Fig. 3: the reconstruction error of every level across all the run's saved checkpoints.
+"""Fig. 3: the reconstruction error of every level across all the run's saved steps: the
+snapshot of every evaluation and the kept full states (hali_jax.checkpoint.all_steps).
 
   python experiments/reconstruction_error.py --workdir=DIR [--output_dir=...] [--num_examples=1000]
 
-For each checkpoint, the mean over held-out images x of the Euclidean distance ||x - x_hat_l||_2
+For each step, the mean over held-out images x of the Euclidean distance ||x - x_hat_l||_2
 and of the discriminator-embedded distance d_c(x, x_hat_l) (eq. 8, with that checkpoint's D; see
 hali_jax.analysis.discriminator_embedding), x_hat_l from the kernels' means; and, as a baseline,
 the same distances between each image and the next one in the split ("random pairs": what an
 unrelated image scores) and between each image and the mean of the images ("mean image": the best
 constant guess in Euclidean distance). Writes reconstruction_error.csv, .md and .png (a line plot
 per distance).
---step is ignored: every checkpoint is evaluated.
+--step is ignored: every saved step is evaluated.
 """
 
 import functools

@@ -22,12 +22,13 @@ before it runs), for --minutes_per_model of wall-clock time each (or --max_steps
 once per label seed (semisup.label_seed: which 100 training images are labelled), in
 DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's errors and those of
 a logistic regression refitted on the 100 labelled codes of each level (semisup.Diagnostics,
-DIR/<run>/test_errors.json). Run the command again to resume. Writes DIR/summary.md: per run
+DIR/<run>/test_errors.jsonl). Run the command again to resume. Writes DIR/summary.md: per run
 the final, best and last-third errors, the refits, the baselines (the untrained encoder's and raw
-pixels' refits) and the errors at every evaluation.
+pixels' refits) and the errors at every evaluation. A run that fails does not stop the study:
+the summary gives its error beside the runs that finished, the study then exits with status 2,
+and running it again resumes the failed run.
 """
 
-import json
 import os
 import sys
 
@@ -36,6 +37,9 @@ from absl import logging
 
 import budgeted_runs
 import common
+from hali_jax import checkpoint
+from hali_jax import semisup
+from hali_jax import writers
 from hali_jax.errors import UserError
 
 flags.DEFINE_float('minutes_per_model', 15.0, 'Wall-clock training budget of each run.')
@@ -84,19 +88,19 @@ def last_and_best(history: list[dict], key: str) -> str:
   return f'{history[-1][key]} / {best[key]} (step {best["step"]})'
 
 
-def summarise(name: str, record: dict, minutes: float) -> tuple[str, str]:
-  """(a row of the summary table, the run's errors at every evaluation) from test_errors.json."""
-  history = record['history']
+def summarise(name: str, baselines: dict, history: list[dict],
+              minutes: float) -> tuple[str, str]:
+  """(a row of the summary table, the run's errors at every evaluation) from its
+  test_errors.jsonl's baselines and evaluations."""
   errors = [h['test_errors'] for h in history]
   last_third = errors[len(errors) - max(1, len(errors) // 3):]
   levels = sorted(k.split('_')[-1] for k in history[-1] if k.startswith('refit_errors/level_'))
   refits = ' / '.join(str(history[-1][f'refit_errors/level_{l}']) for l in levels)
-  untrained = ' / '.join(str(record['baselines'][f'refit_errors/init_level_{l}'])
-                         for l in levels)
+  untrained = ' / '.join(str(baselines[f'refit_errors/init_level_{l}']) for l in levels)
   row = (f'| {name} | {history[-1]["step"]} | {minutes:.1f} | '
          f'{last_and_best(history, "held_out/test_errors")} | '
          f'{last_and_best(history, "test_errors")} | {min(last_third)} | {refits} | '
-         f'{untrained} | {record["baselines"]["refit_errors/pixels"]} |')
+         f'{untrained} | {baselines["refit_errors/pixels"]} |')
   curve = ', '.join(f'{h["step"]}: {h["test_errors"]}'
                     + (f' ({h["held_out/test_errors"]})' if 'held_out/test_errors' in h else '')
                     for h in history)
@@ -112,26 +116,35 @@ def main(argv):
   runs = {f'{m}_seed{s}': (m, s) for s in FLAGS.label_seeds for m in FLAGS.models}
   times = {name: train(m, s, os.path.join(out, name)) for name, (m, s) in runs.items()}
 
-  rows, curves = [], []
+  rows, curves, title = [], [], 'no run finished'
   for name in runs:
-    with open(os.path.join(out, name, 'test_errors.json')) as f:
-      record = json.load(f)
-    row, curve = summarise(name, record, times[name]['seconds'] / 60)
+    minutes = times[name]['seconds'] / 60
+    if times[name].get('error'):
+      rows.append(f'| {name} | failed: {times[name]["error"]} | {minutes:.1f} |' + ' |' * 6)
+      continue
+    records = writers.read_records(os.path.join(out, name), semisup.TEST_ERRORS_FILE)
+    baselines = next(r for r in records if r['kind'] == 'baselines')
+    row, curve = summarise(name, baselines, [r for r in records if r['kind'] == 'test_errors'],
+                           minutes)
     rows.append(row)
     curves.append(curve)
-  split = record['split']
-  lines = [f'# Semi-supervised MNIST, {record["labels_per_class"]} labels per class: errors on '
-           f'{split}', '', f'Command: `python experiments/semisup_study.py {" ".join(sys.argv[1:])}`',
+    config = checkpoint.load_config(os.path.join(out, name))  # The runs share these settings.
+    title = (f'{config.semisup.labels_per_class} labels per class: errors on '
+             f'{config.input.eval_split}')
+  lines = [f'# Semi-supervised MNIST, {title}', '',
+           f'Command: `python experiments/semisup_study.py {" ".join(sys.argv[1:])}`',
            '', f'| run | steps | minutes | held-out training images ({FLAGS.held_out_examples}): '
            'classifier errors, last / best (step) | classifier errors, last / best (step) | best '
            'of the last third | refit on the labels, last (z_1 / z_2) | refit, untrained encoder '
            '| refit, raw pixels |', '|---|---|---|---|---|---|---|---|---|', *rows, '',
            'The classifier\'s errors at every evaluation (on the held-out training images):', '',
            *curves, '']
-  with open(os.path.join(out, 'summary.md'), 'w') as f:
+  summary = os.path.join(out, 'summary.md')
+  with open(summary, 'w') as f:
     f.write('\n'.join(lines))
-  logging.info('Wrote %s', os.path.join(out, 'summary.md'))
+  logging.info('Wrote %s', summary)
   print('\n'.join(lines))
+  budgeted_runs.check_finished(times, summary)
 
 
 if __name__ == '__main__':

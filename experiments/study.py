@@ -10,16 +10,20 @@ project's own commands (each printed before it runs):
      ALI with the option `ali` added (L = 1), the VAE with --config.method=vae; the same seed, for
      --minutes_per_model of wall-clock time each (or --max_steps_per_model, if sooner). Run the
      command again to resume: a model's used time is kept in DIR/<name>/study_time.json, and a
-     model whose budget is spent is not trained again;
+     model whose budget is spent is not trained again. Each keeps an analysis snapshot of every
+     evaluation and its last few full states. A run that fails does not stop the study: steps 2
+     to 4 cover the runs that finished, the summary gives the failed one's error, the study then
+     exits with status 2, and running it again resumes the failed run;
   2. experiments/attribute_svms.py (Table 2's analogue: linear SVMs on every level, raw pixels and
      the untrained encoders, with the logistic and 1-NN class accuracies beside it for a dataset
      with classes), experiments/attribute_preservation.py (Table 1's analogue),
      experiments/sample_quality.py (Frechet distance) and experiments/probe_curves.py (the probes
      across training) over the three runs, into DIR/tables;
   3. per model, experiments/reconstruction_error.py (Fig. 3: Euclidean and d_c per level for every
-     checkpoint, with the mean-image and random-pairs baselines), experiments/samples.py (Fig. 2)
-     and experiments/reconstructions.py (Fig. 7: test images in odd columns, their reconstructions
-     from z_l in even ones, one figure per level), into DIR/<name>/analysis;
+     evaluation's snapshot, with the mean-image and random-pairs baselines),
+     experiments/samples.py (Fig. 2) and experiments/reconstructions.py (Fig. 7: test images in
+     odd columns, their reconstructions from z_l in even ones, one figure per level), into
+     DIR/<name>/analysis;
   4. DIR/summary.md: every table, the training facts, the figures.
 """
 
@@ -98,14 +102,25 @@ def main(argv):
   out = budgeted_runs.output_dir(FLAGS.output_dir, FLAGS.minutes_per_model)
   workdirs = {name: os.path.join(out, name) for name in MODELS}
 
-  # 1. Training.
+  # 1. Training; steps 2 and 3 cover the runs that finished.
   times = {name: budgeted_runs.train(
       name, workdir, config_file, options + MODELS[name][0], minutes=FLAGS.minutes_per_model,
       max_steps=FLAGS.max_steps_per_model, every_steps=FLAGS.checkpoint_every_steps,
       seed=FLAGS.seed, data_dir=FLAGS.data_dir, overrides=MODELS[name][1])
            for name, workdir in workdirs.items()}
+  failed = {name: times[name]['error'] for name in workdirs if times[name].get('error')}
+  finished = {name: workdir for name, workdir in workdirs.items() if name not in failed}
+  tables = analyse(out, finished) if finished else None
 
-  # 2. The tables over the three runs.
+  # 4. The summary.
+  summary = os.path.join(out, 'summary.md')
+  write_summary(summary, config, finished, times, failed, tables)
+  budgeted_runs.check_finished(times, summary)
+
+
+def analyse(out: str, workdirs: dict[str, str]) -> str:
+  """Steps 2 and 3 for the runs `workdirs`; returns the directory of the tables."""
+  # 2. The tables over the runs.
   tables = os.path.join(out, 'tables')
   shared = [f'--workdirs={",".join(f"{n}={w}" for n, w in workdirs.items())}',
             f'--output_dir={tables}', f'--seed={FLAGS.seed}', *data_flags(),
@@ -128,20 +143,35 @@ def main(argv):
     budgeted_runs.run(['experiments/reconstruction_error.py', *single, *num])
     budgeted_runs.run(['experiments/samples.py', *single, f'--seed={FLAGS.seed}'])
     budgeted_runs.run(['experiments/reconstructions.py', *single])
+  return tables
 
-  # 4. The summary.
-  if FLAGS.data_dir:  # Where the runs read their data (a folder dataset's classes among it).
-    config.data_dir = FLAGS.data_dir
-  num_classes = input_pipeline.num_classes(config)
+
+def write_summary(path: str, config, workdirs: dict[str, str], times: dict[str, dict],
+                  failed: dict[str, str], tables: str | None) -> None:
+  """DIR/summary.md: the training facts of every run (a failed one with its error), and the
+  tables and figures of those that finished (`workdirs`) in `tables`."""
   lines = [f'# Study on {config.dataset}: HALI (L = {config.model.num_levels}), ALI, VAE', '',
            f'Command: `python experiments/study.py {shlex.join(sys.argv[1:])}`', '',
            '| model | steps | training wall time (min) | steps/s |', '|---|---|---|---|']
+  for name, error in failed.items():
+    lines.append(f'| {name} | failed: {error} | {times[name]["seconds"] / 60:.1f} | |')
   for name, workdir in workdirs.items():
     steps, seconds = budgeted_runs.last_step(workdir), times[name]['seconds']
     lines.append(f'| {name} | {steps} | {seconds / 60:.1f} | {steps / seconds:.2f} |')
   lines.append('')
-  lines.append(section('Linear SVMs on encoder features, balanced accuracy (%) (Table 2)',
-                       os.path.join(tables, 'attribute_svms_summary.md')))
+  if tables:
+    if FLAGS.data_dir:  # Where the runs read their data (a folder dataset's classes among it).
+      config.data_dir = FLAGS.data_dir
+    lines += table_sections(config, workdirs, tables)
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  logging.info('Wrote %s', path)
+
+
+def table_sections(config, workdirs: dict[str, str], tables: str) -> list[str]:
+  num_classes = input_pipeline.num_classes(config)
+  lines = [section('Linear SVMs on encoder features, balanced accuracy (%) (Table 2)',
+                   os.path.join(tables, 'attribute_svms_summary.md'))]
   if num_classes:
     lines.append(section(f'{num_classes}-class probes on the same features: logistic regression '
                          'and 1-NN test accuracy (%)', os.path.join(tables, 'class_probes.md')))
@@ -163,9 +193,7 @@ def main(argv):
     lines.append(f'Figures: {analysis_dir}/samples.png, {analysis_dir}/reconstructions.png, '
                  f'{analysis_dir}/reconstruction_error.png; test images (odd columns) and their '
                  f'reconstructions (even columns) from each level: {", ".join(per_level)}\n')
-  with open(os.path.join(out, 'summary.md'), 'w') as f:
-    f.write('\n'.join(lines))
-  logging.info('Wrote %s', os.path.join(out, 'summary.md'))
+  return lines
 
 
 if __name__ == '__main__':

@@ -173,7 +173,15 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 100
   c.eval_every_steps = 5_000
   c.checkpoint_every_steps = 5_000
+  # The full states kept for resuming (DIR/checkpoints, by Orbax's preservation policies): the
+  # last checkpoint_max_to_keep, and each one whose step is a multiple of
+  # checkpoint_keep_every_steps (0: none beyond the last).
   c.checkpoint_max_to_keep = 3
+  c.checkpoint_keep_every_steps = 0
+  # At every evaluation, an analysis snapshot (DIR/snapshots/<step>: the evaluation variables
+  # alone, under a third of a full state), every one kept; what checkpoint.restore, Fig. 3's
+  # script and the studies read. False: none (analysis then reads the kept full states).
+  c.checkpoint_snapshots = True
   return c
 
 
@@ -278,6 +286,8 @@ FIELD_RULES = {
     'eval_every_steps': _POSITIVE_INT,
     'checkpoint_every_steps': _POSITIVE_INT,
     'checkpoint_max_to_keep': _POSITIVE_INT,
+    'checkpoint_keep_every_steps': _number(int, 0),
+    'checkpoint_snapshots': _of_type(bool, 'True or False'),
 }
 
 

@@ -91,20 +91,29 @@ def _initialize_distributed() -> None:
 
 
 # Libraries whose INFO lines (every file orbax writes, every tfds metadata read) would drown the
-# training log; their warnings still show.
-_QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/grain/')
+# training log; their warnings still show. asyncio logs the failures of Orbax's write tasks.
+_QUIET_LIBRARIES = ('/orbax/', '/tensorflow_datasets/', '/grain/', '/asyncio/')
 # Notices about the libraries, not about this run: JAX probing for a TPU it does not find,
 # tfds advising OpenCV (which training never needs: it decodes nothing but PNGs, with PIL).
 _LIBRARY_NOTICES = ('Unable to initialize backend', 'OpenCV is not installed')
 
 
 class _QuietLibraries(python_logging.Filter):
+  """Drops the libraries' INFO lines and notices; with `tracebacks` False (the console), also
+  the tracebacks they log (Orbax's, for a save that failed): the exception itself reaches the
+  program, which reports it in one line."""
+
+  def __init__(self, tracebacks: bool):
+    super().__init__()
+    self._tracebacks = tracebacks
 
   def filter(self, record: python_logging.LogRecord) -> bool:
     if any(notice in str(record.msg) for notice in _LIBRARY_NOTICES):
       return False
-    return (record.levelno >= python_logging.WARNING
-            or not any(part in record.pathname for part in _QUIET_LIBRARIES))
+    library = any(part in record.pathname for part in _QUIET_LIBRARIES)
+    if library and record.exc_info and not self._tracebacks:
+      return False
+    return record.levelno >= python_logging.WARNING or not library
 
 
 class _ConsoleFormatter(python_logging.Formatter):
@@ -116,14 +125,23 @@ class _ConsoleFormatter(python_logging.Formatter):
         f'{record.levelname.lower()}: {line}')
 
 
-def _log_to_file(directory: str, quiet: python_logging.Filter) -> None:
+def _drop_closed_event_loops(unraisable) -> None:
+  """sys.unraisablehook: tensorstore's callbacks for Orbax's writes can land after Orbax closed
+  their event loop (after a save failed); each would print a traceback of 'Event loop is
+  closed', about nothing the run can act on. Any other unraisable error prints as usual."""
+  if not (isinstance(unraisable.exc_value, RuntimeError)
+          and str(unraisable.exc_value) == 'Event loop is closed'):
+    sys.__unraisablehook__(unraisable)
+
+
+def _log_to_file(directory: str) -> None:
   """Every line also into DIR/hali_jax.log (process k of several: hali_jax.k.log), with
-  absl's prefix (date, thread id, file)."""
+  absl's prefix (date, thread id, file), and the libraries' tracebacks."""
   name = f'hali_jax.{jax.process_index()}.log' if jax.process_count() > 1 else 'hali_jax.log'
   path = os.path.join(make_directory(os.path.expanduser(directory), '--log_dir'), name)
   handler = python_logging.FileHandler(path)
   handler.setFormatter(logging.PythonFormatter())
-  handler.addFilter(quiet)
+  handler.addFilter(_QuietLibraries(tracebacks=True))
   python_logging.getLogger().addHandler(handler)
 
 
@@ -135,15 +153,15 @@ def _error(message: str) -> int:
 def main(argv) -> int:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  quiet = _QuietLibraries()
   console = logging.get_absl_handler()
-  console.addFilter(quiet)
+  console.addFilter(_QuietLibraries(tracebacks=False))
+  sys.unraisablehook = _drop_closed_event_loops
   console.setFormatter(_ConsoleFormatter())
   try:
     if _is_multiprocess_job():
       _initialize_distributed()
     if flags.FLAGS.log_dir:
-      _log_to_file(flags.FLAGS.log_dir, quiet)
+      _log_to_file(flags.FLAGS.log_dir)
     if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
       jax.config.update('jax_compilation_cache_dir', make_directory(
           os.path.expanduser(_COMPILATION_CACHE.value), '--compilation_cache'))

@@ -21,14 +21,12 @@ and D numbers are kept.
 
 Everything is a pure function of numpy variables computed on one device of process 0, so the
 probes add no collective to a multi-process run. Records go to TensorBoard (`probes/...`) and
-are appended to DIR/probes.jsonl, one JSON object per line: {"step": 0, "kind": "baselines",
-...} first, then {"step": s, "kind": "probes", ..., "seconds": cost}.
+are kept in DIR/probes.jsonl (writers.Records), one JSON object per line: {"step": 0, "kind":
+"baselines", ...} first, then {"step": s, "kind": "probes", ..., "seconds": cost}.
 """
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Mapping
 
 import jax
@@ -278,33 +276,8 @@ class Prober:
 
 
 # --------------------------------------------------------------------------------------------
-# DIR/probes.jsonl and the console.
+# The console.
 # --------------------------------------------------------------------------------------------
-
-
-def read_records(workdir: str) -> list[dict]:
-  """Every record of DIR/probes.jsonl ([] if there is none)."""
-  path = os.path.join(workdir, PROBES_FILE)
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def rewind(workdir: str, step: int) -> dict | None:
-  """Drops the records a stopped run wrote after `step` (a resumed run writes them again);
-  returns the run's baselines, if they were measured."""
-  records = [r for r in read_records(workdir) if r['step'] <= step]
-  path = os.path.join(workdir, PROBES_FILE)
-  if os.path.exists(path):
-    with open(path, 'w') as f:
-      f.writelines(json.dumps(r) + '\n' for r in records)
-  return next((r for r in records if r['kind'] == 'baselines'), None)
-
-
-def append_record(workdir: str, record: Mapping) -> None:
-  with open(os.path.join(workdir, PROBES_FILE), 'a') as f:
-    f.write(json.dumps(dict(record)) + '\n')
 
 
 def summary_line(step: int, results: Mapping[str, float], baselines: Mapping[str, float],

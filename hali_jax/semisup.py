@@ -327,6 +327,11 @@ def test_errors(model: models.HALI, classifier: Classifier, variables: dict, ima
                             analysis.features(model, variables, images, batch_size), labels)
 
 
+# DIR/test_errors.jsonl (writers.Records): {"step": 0, "kind": "baselines", ...}, then one
+# {"step": s, "kind": "test_errors", ...} per evaluation, as Diagnostics gives them.
+TEST_ERRORS_FILE = 'test_errors.jsonl'
+
+
 class Diagnostics:
   """A semi-supervised run's test errors at each evaluation (`__call__`), as a flat dict:
     'test_errors': the jointly trained classifier's (`test_errors`);

@@ -12,7 +12,6 @@ straight through.
 import concurrent.futures
 import contextlib
 import functools
-import json
 import math
 import signal
 import threading
@@ -21,7 +20,6 @@ from typing import Callable
 
 from absl import logging
 from clu import metrics as clu_metrics
-from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -31,6 +29,7 @@ import numpy as np
 from hali_jax import analysis
 from hali_jax import checkpoint
 from hali_jax import default_config
+from hali_jax import disk
 from hali_jax import input_pipeline
 from hali_jax import methods
 from hali_jax import models
@@ -82,7 +81,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   Reads the workdir only, so a refused resume leaves it as it was.
   """
-  steps = checkpoint.all_steps(workdir)
+  steps = checkpoint.state_steps(workdir)
   if not steps:
     return
   try:
@@ -98,14 +97,14 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> None:
                     f'--config.num_train_steps to at least {steps[-1]}, or use a new --workdir.')
 
 
-def initial_state(init: Callable[[], step_lib.TrainState], manager,
+def initial_state(init: Callable[[], step_lib.TrainState], abstract_state, manager,
                   train_iter: input_pipeline.TrainIterator) -> tuple[step_lib.TrainState, int]:
   """(state, step): the latest checkpoint's, with the data rewound to it, or a fresh one from
-  `init` (methods.state_initializer)."""
+  `init` (methods.state_initializer; `abstract_state`: its eval_shape)."""
   if manager.latest_step() is None:
     return init(), 0
   # Restoring against the abstract state skips compiling the initialisation.
-  state, data_state, step = checkpoint.restore_latest(manager, init.eval_shape())
+  state, data_state, step = checkpoint.restore_latest(manager, abstract_state)
   train_iter.set_state(data_state)
   logging.info('Resumed from the checkpoint at step %d.', step)
   return state, step
@@ -290,41 +289,10 @@ def make_test_errors(config: ml_collections.ConfigDict, model: models.HALI,
       config.semisup.eval_batch_size)
 
 
-TEST_ERRORS_FILE = 'test_errors.json'
-
-
-def test_error_records(diagnostics: semisup.Diagnostics, workdir: str, start_step: int,
-                       initial: Callable[[], step_lib.TrainState]) -> tuple[dict, list[dict]]:
-  """(baselines, history) of a run's DIR/test_errors.json: a resumed run's (its evaluations after
-  `start_step`, from a stopped run, dropped), else none yet, the baselines measured now on
-  `initial()`, the state at step 0."""
-  path = epath.Path(workdir) / TEST_ERRORS_FILE
-  saved = json.loads(path.read_text()) if start_step and path.exists() else {}
-  history = [r for r in saved.get('history', []) if r['step'] <= start_step]
-  baselines = saved.get('baselines') or diagnostics.baselines(
-      step_lib.evaluation_variables(initial()))
-  return baselines, history
-
-
-def write_test_errors(workdir: str, config: ml_collections.ConfigDict, baselines: dict,
-                      history: list[dict]) -> None:
-  """DIR/test_errors.json, rewritten at every evaluation: for tables, the latest count of the
-  classifier's test errors and its step (the final ones once the run is done); the baselines and
-  every evaluation's results ('history')."""
-  (epath.Path(workdir) / TEST_ERRORS_FILE).write_text(json.dumps(dict(
-      step=history[-1]['step'], test_errors=history[-1]['test_errors'],
-      split=config.input.eval_split, held_out_examples=config.semisup.held_out_examples,
-      dataset=config.dataset,
-      labels_per_class=config.semisup.labels_per_class, seed=config.seed,
-      adversarial=config.semisup.adversarial, baselines=baselines, history=history), indent=2))
-
-
-def write_diagnostics(writer: writers.MetricWriter, workdir: str, config, step: int,
-                      diagnostics: semisup.Diagnostics, baselines: dict, history: list[dict],
-                      variables) -> None:
+def write_diagnostics(writer: writers.MetricWriter, records: writers.Records, step: int,
+                      diagnostics: semisup.Diagnostics, baselines: dict, variables) -> None:
   results = diagnostics(variables)
-  history.append({'step': step, **results})
-  write_test_errors(workdir, config, baselines, history)
+  records.append({'step': step, 'kind': 'test_errors', **results})
   writer.write_scalars(step, {**{f'semisup/{k}': v for k, v in results.items()},
                               **{f'semisup/baseline/{k}': v for k, v in baselines.items()}})
   logging.info('%s', diagnostics.summary_line(step, results, baselines))
@@ -356,28 +324,24 @@ def make_prober(config: ml_collections.ConfigDict, model: models.HALI) -> probes
                        with_discriminator=methods.trains_discriminator(config))
 
 
-def probe_baselines(prober: probes.Prober, workdir: str, start_step: int,
-                    initial: Callable[[], step_lib.TrainState]) -> dict:
-  """The run's baselines: those DIR/probes.jsonl holds (its records after `start_step`, from a
-  stopped run, dropped), else measured now on `initial()`, the state at step 0."""
-  baselines = probes.rewind(workdir, start_step if start_step else -1)
-  if baselines is None:
-    state = initial()
-    baselines = {'step': 0, 'kind': 'baselines',
-                 **prober.baselines(step_lib.evaluation_variables(state))}
-    probes.append_record(workdir, baselines)
-  return baselines
+def recorded_baselines(records: writers.Records, measure: Callable[[], dict]) -> dict:
+  """A run's baselines: those its records hold (a resumed run's), else `measure()`d now (on the
+  state at step 0) and recorded."""
+  found = records.first('baselines')
+  if found is None:
+    found = {'step': 0, 'kind': 'baselines', **measure()}
+    records.append(found)
+  return {k: v for k, v in found.items() if k not in ('step', 'kind')}
 
 
-def write_probes(writer: writers.MetricWriter, workdir: str, step: int, prober: probes.Prober,
-                 baselines: dict, variables, num_levels: int) -> None:
+def write_probes(writer: writers.MetricWriter, records: writers.Records, step: int,
+                 prober: probes.Prober, baselines: dict, variables, num_levels: int) -> None:
   start = time.monotonic()
   results = prober(variables, step)
   seconds = time.monotonic() - start
-  probes.append_record(workdir, {'step': step, 'kind': 'probes', **results, 'seconds': seconds})
-  numbers = {k: v for k, v in baselines.items() if k not in ('step', 'kind')}
+  records.append({'step': step, 'kind': 'probes', **results, 'seconds': seconds})
   writer.write_scalars(step, {**{f'probes/{k}': v for k, v in results.items()},
-                              **{f'probes/baseline/{k}': v for k, v in numbers.items()},
+                              **{f'probes/baseline/{k}': v for k, v in baselines.items()},
                               'probes/seconds': seconds})
   logging.info('%s  (%.1f s)', probes.summary_line(step, results, baselines, num_levels),
                seconds)
@@ -391,8 +355,9 @@ def write_probes(writer: writers.MetricWriter, workdir: str, step: int, prober: 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_lib.TrainState:
   """Trains (or resumes training) to config.num_train_steps; returns the last state.
 
-  Writes checkpoints, config.json, TensorBoard events and PNG grids in `workdir`. On SIGTERM
-  or SIGINT it saves a checkpoint at the current step and returns.
+  Writes checkpoints, snapshots, config.json, records, TensorBoard events and PNG grids in
+  `workdir` (the README's workdir section). On SIGTERM or SIGINT it saves a checkpoint at the
+  current step and returns; a full disk stops it with a UserError (disk.py).
   """
   # Everything that can be wrong with the user's input fails here, before any compilation.
   validate_config(config)
@@ -409,26 +374,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
     prober = make_prober(config, model)
     labelled = semisup.load_labelled(config) if config.semisup.enabled else None
     diagnostics = make_test_errors(config, model, labelled)
+    init = methods.state_initializer(config, model, image_shape, mesh)
+    abstract_state = init.eval_shape()
+    needs = disk.needs(config, abstract_state, (checkpoint.state_steps(workdir) or [0])[-1])
+    if jax.process_index() == 0:
+      disk.check_free_space(workdir, needs)
+    # From here on a write that fails for lack of space stops the run with one line; the
+    # checkpoint managers close inside this, so that their asynchronous saves' failures do too.
+    stack.enter_context(disk.full_disk_is_an_error(workdir, needs))
     # Before anything writes to the workdir: one run at a time may.
     stack.enter_context(workdir_lock.hold(workdir, enabled=jax.process_index() == 0))
-    manager = stack.enter_context(checkpoint.create_manager(workdir,
-                                                            config.checkpoint_max_to_keep))
-    init = methods.state_initializer(config, model, image_shape, mesh)
+    manager = stack.enter_context(checkpoint.create_manager(workdir, config))
+    snapshots = (stack.enter_context(checkpoint.create_snapshot_manager(workdir))
+                 if config.checkpoint_snapshots else None)
     train_step = methods.make_train_step(config, model, mesh, labelled)
     # The step compiles from the shapes of the state and of a batch, in a thread, while the state
     # is initialised (another compilation: on a CPU the two fill both cores, where either alone
     # leaves one idle for a while) or restored (reading files).
-    lowering_args = init.eval_shape(), train_iter.batch_spec()
+    lowering_args = abstract_state, train_iter.batch_spec()
     step_compilation = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1)).submit(
         lambda: train_step.lower(*lowering_args).compile())
-    state, start_step = initial_state(init, manager, train_iter)
+    state, start_step = initial_state(init, abstract_state, manager, train_iter)
+    if snapshots:
+      checkpoint.rewind_snapshots(snapshots, start_step)
     checkpoint.save_config(workdir, config)
-    initial = (lambda: state) if start_step == 0 else init
+    # The baselines' variables: the state at step 0.
+    initial = lambda: step_lib.evaluation_variables(state if start_step == 0 else init())
     if prober:
-      baselines = probe_baselines(prober, workdir, start_step, initial)
+      probe_records = writers.Records(workdir, probes.PROBES_FILE, start_step)
+      baselines = recorded_baselines(probe_records, lambda: prober.baselines(initial()))
     if diagnostics:
-      semisup_baselines, test_error_history = test_error_records(diagnostics, workdir,
-                                                                 start_step, initial)
+      test_error_records = writers.Records(workdir, semisup.TEST_ERRORS_FILE, start_step)
+      semisup_baselines = recorded_baselines(test_error_records,
+                                             lambda: diagnostics.baselines(initial()))
     writer = writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
                                   purge_step=start_step + 1 if start_step else None)
     stack.callback(writer.close)
@@ -471,13 +449,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> step_
 
       if step % config.eval_every_steps == 0 or last:
         variables = step_lib.evaluation_variables(state)
+        if snapshots:
+          checkpoint.save_snapshot(snapshots, step, variables)
         write_evaluation(writer, step, eval_x, *evaluate(variables, eval_x, sample_key))
         if prober:
-          write_probes(writer, workdir, step, prober, baselines, variables,
+          write_probes(writer, probe_records, step, prober, baselines, variables,
                        model.arch.num_levels)
         if diagnostics:
-          write_diagnostics(writer, workdir, config, step, diagnostics, semisup_baselines,
-                            test_error_history, variables)
+          write_diagnostics(writer, test_error_records, step, diagnostics, semisup_baselines,
+                            variables)
         writer.flush()
 
       stop = stop_requested(step)

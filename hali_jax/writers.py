@@ -1,9 +1,13 @@
 """Where a run's numbers and pictures go: TensorBoard event files in the workdir (tensorboardX,
-no TensorFlow), PNG grids in DIR/images/, and the console (steps/s and ETA).
+no TensorFlow), PNG grids in DIR/images/, the evaluations' records (`Records`, DIR/*.jsonl) and
+the console (steps/s and ETA).
 
-Only process 0 writes; on the others the writers do nothing, so the loop needs no branches.
+Every write happens in the calling thread, so that a failed one (a full disk) raises there, where
+the run can stop cleanly, rather than in a writer thread that would die with a traceback. Only
+process 0 writes; on the others the writers do nothing, so the loop needs no branches.
 """
 
+import json
 import os
 import sys
 import time
@@ -20,7 +24,9 @@ _hide_torch = 'torch' not in sys.modules
 if _hide_torch:
   sys.modules['torch'] = None
 try:
-  import tensorboardX
+  from tensorboardX import summary as tensorboard_summary
+  from tensorboardX.event_file_writer import EventsWriter
+  from tensorboardX.proto import event_pb2
 finally:
   if _hide_torch:
     del sys.modules['torch']
@@ -66,36 +72,96 @@ def pairs_grid(originals: np.ndarray, reconstructions: np.ndarray, columns: int)
 
 
 class MetricWriter:
-  """Scalars and images to TensorBoard event files in `workdir`; images also as PNG files."""
+  """Scalars and images to a TensorBoard event file in `workdir`; images also as PNG files.
+
+  tensorboardX's SummaryWriter writes from a thread of its own: a full disk kills that thread
+  with a traceback, and its queue then blocks the loop. Its synchronous EventsWriter, here, does
+  neither."""
 
   def __init__(self, workdir: str, enabled: bool, purge_step: int | None = None):
     """purge_step: on resuming, TensorBoard drops what a stopped run wrote from this step on."""
     self._workdir = workdir
-    self._writer = tensorboardX.SummaryWriter(workdir, purge_step=purge_step) if enabled else None
+    self._events = EventsWriter(os.path.join(workdir, 'events')) if enabled else None
+    if self._events and purge_step:  # What SummaryWriter(purge_step=...) writes.
+      self._events.write_event(event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def _write(self, step: int, summary) -> None:
+    self._events.write_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    if self._writer:
+    if self._events:
       for name, value in scalars.items():
-        self._writer.add_scalar(name, float(value), step)
+        self._write(step, tensorboard_summary.scalar(name, float(value)))
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """uint8 [H, W, 3] pictures by name; PNG files are DIR/images/<name>_<step>.png."""
-    if not self._writer:
+    if not self._events:
       return
     directory = os.path.join(self._workdir, IMAGES)
     os.makedirs(directory, exist_ok=True)
     for name, image in images.items():
-      self._writer.add_image(name, image, step, dataformats='HWC')
+      self._write(step, tensorboard_summary.image(name, image, dataformats='HWC'))
       Image.fromarray(image).save(
           os.path.join(directory, f'{name.replace("/", "_")}_{step:08d}.png'))
 
   def flush(self) -> None:
-    if self._writer:
-      self._writer.flush()
+    if self._events:
+      self._events.flush()
 
   def close(self) -> None:
-    if self._writer:
-      self._writer.close()
+    if self._events:
+      self._events.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluations' records, kept across a resume.
+# --------------------------------------------------------------------------------------------
+
+
+def read_records(workdir: str, name: str) -> list[dict]:
+  """Every record of DIR/<name> ([] if there is none)."""
+  path = os.path.join(workdir, name)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Records:
+  """DIR/<name>: one JSON object a line, {"step": s, "kind": ..., ...}, e.g. a run's baselines
+  (step 0) and then one record per evaluation: probes.jsonl, test_errors.jsonl.
+
+  A resumed run starts from its last checkpoint, so the records a stopped run wrote after it are
+  dropped (the resumed run writes them again); a fresh run (start_step 0) starts an empty file.
+  The file is rewritten whole, atomically, at every record: a crash or a full disk leaves the
+  previous one, never a half-written line.
+  """
+
+  def __init__(self, workdir: str, name: str, start_step: int):
+    self._path = os.path.join(workdir, name)
+    self._records = [r for r in read_records(workdir, name)
+                     if r['step'] <= start_step] if start_step else []
+    self._write()
+
+  def first(self, kind: str) -> dict | None:
+    """The first record of `kind` (e.g. the baselines a stopped run measured), else None."""
+    return next((r for r in self._records if r['kind'] == kind), None)
+
+  def append(self, record: Mapping) -> None:
+    self._records.append(dict(record))
+    self._write()
+
+  def _write(self) -> None:
+    tmp = self._path + '.tmp'
+    try:
+      with open(tmp, 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in self._records)
+      os.replace(tmp, self._path)
+    finally:
+      if os.path.exists(tmp):  # A failed write (e.g. a full disk) leaves nothing behind.
+        os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------

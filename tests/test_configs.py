@@ -124,6 +124,8 @@ def test_mnist_takes_one_architecture_option():
     ('vae.x_std', 0.0, 'vae.x_std=0.0 is not valid'),
     ('seed', -1, 'seed=-1 is not valid'),
     ('checkpoint_max_to_keep', 0, 'checkpoint_max_to_keep=0 is not valid'),
+    ('checkpoint_keep_every_steps', -1, 'checkpoint_keep_every_steps=-1 is not valid'),
+    ('checkpoint_snapshots', 'yes', "checkpoint_snapshots='yes' is not valid"),
     ('download', 1, 'download=1 is not valid: it must be True or False'),
 ])
 def test_every_field_is_checked(field, value, message):

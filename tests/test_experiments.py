@@ -10,6 +10,7 @@ import csv
 import json
 import os
 from pathlib import Path
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,10 @@ import pytest
 
 from configs import mnist
 from hali_jax import input_pipeline
+from hali_jax import semisup
 from hali_jax import train
+from hali_jax import workdir_lock
+from hali_jax import writers
 from tests.test_input_pipeline import mock_tfds
 from tests.test_train import subprocess_env
 
@@ -263,6 +267,25 @@ def test_study_end_to_end(tmp_path):
   assert '| 2 | mean image |' in summary
 
 
+def test_a_study_whose_runs_fail_writes_its_summary_and_exits_2(tmp_path):
+  """Runs that fail (here every one: no data where it looks) do not stop the study: the summary
+  gives each one's error and the study exits with status 2, in one line."""
+  out = tmp_path / 'study'
+  result = subprocess.run(
+      [sys.executable, 'experiments/study.py', '--config=configs/mnist.py:tiny',
+       f'--output_dir={out}', f'--data_dir={tmp_path / "no_data"}'], cwd=REPO,
+      env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-5000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: 3 of 3 runs failed (hali, ali, vae; their errors are above and in '), result.stderr
+  assert 'Traceback' not in result.stderr
+  summary = (out / 'summary.md').read_text()
+  for model in ('hali', 'ali', 'vae'):
+    assert re.search(rf'^\| {model} \| failed: `python -m hali_jax.main .* failed with status 2: '
+                     r'Dataset mnist is not prepared.* \| [\d.]+ \| \|$', summary, re.M), summary
+    assert json.loads((out / model / 'study_time.json').read_text())['error']
+
+
 def test_benchmark_reports_every_measure(tmp_path):
   result = subprocess.run(  # A batch of 10: no layer of the tiny config has 10 or 20 channels.
       [sys.executable, 'experiments/speed/benchmark.py', '--config=configs/mnist.py:tiny,lean',
@@ -396,23 +419,45 @@ def test_conv_gradients_times_both_input_gradients_and_both_compilations(tmp_pat
 
 def test_semisup_study_end_to_end(tmp_path):
   """The semi-supervised comparison on a tiny budget: each run trains in its own process (mock
-  data), and the summary gathers every run's errors, refits and baselines from test_errors.json."""
+  data), and the summary gathers every run's errors, refits and baselines from
+  test_errors.jsonl. A run that fails (its workdir held by another run) does not stop the
+  others: the summary gives its error, the study exits with status 2, and the next invocation
+  resumes it."""
   out = tmp_path / 'semisup'
   command = [sys.executable, 'experiments/semisup_study.py', f'--output_dir={out}',
              '--config_options=tiny', '--max_steps_per_model=2', '--eval_every_steps=1',
              '--models=labels_only,hali', '--label_seeds=0,1', '--held_out_examples=5',
              '--overrides=--config.semisup.labels_per_class=1,--config.semisup.batch_size=4']
   env = mock_data_env(tmp_path)
+  (out / 'hali_seed0').mkdir(parents=True)
+  with workdir_lock.hold(str(out / 'hali_seed0')):
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+  assert result.returncode == 2, result.stderr[-5000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: 1 of 4 runs failed (hali_seed0; their errors are above and in '), result.stderr
+  summary = (out / 'summary.md').read_text()
+  assert re.search(r'^\| hali_seed0 \| failed: `python -m hali_jax.main .* failed with status 2: '
+                   r'.*hali_seed0 is in use by another run .*\| [\d.]+ \|( \|){6}$', summary,
+                   re.M), summary
+  assert all(f'| {run} | 2 |' in summary
+             for run in ('labels_only_seed0', 'labels_only_seed1', 'hali_seed1'))
+
+  # Again: the failed run resumes; the others have reached their steps.
   result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-5000:]
+  assert result.stderr.count('not training again') == 3, result.stderr[-5000:]
   summary = (out / 'summary.md').read_text()
+  assert summary.startswith('# Semi-supervised MNIST, 1 labels per class: errors on test\n')
   for run in ('labels_only_seed0', 'hali_seed0', 'labels_only_seed1', 'hali_seed1'):
-    record = json.loads((out / run / 'test_errors.json').read_text())
-    assert [h['step'] for h in record['history']] == [1, 2]
+    records = writers.read_records(out / run, semisup.TEST_ERRORS_FILE)
+    assert [(r['step'], r['kind']) for r in records] == [
+        (0, 'baselines'), (1, 'test_errors'), (2, 'test_errors')]
     assert f'| {run} | 2 |' in summary
-    first = record['history'][0]
+    first = records[1]
     assert f'- {run}: 1: {first["test_errors"]} ({first["held_out/test_errors"]}), 2: ' in summary
-  assert json.loads((out / 'labels_only_seed0' / 'test_errors.json').read_text())[
+    assert f'| {records[0]["refit_errors/pixels"]} |' in summary
+  assert json.loads((out / 'labels_only_seed0' / 'config.json').read_text())['semisup'][
       'adversarial'] is False
   # Again: every run has reached its steps, so none trains again and the summary is the same.
   rerun = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,7 +1,6 @@
 """Semi-supervised HALI (hali_jax/semisup.py): labelled subset, supervised cost, test errors."""
 
 import functools
-import json
 import types
 
 import jax
@@ -18,6 +17,7 @@ from hali_jax import ops
 from hali_jax import semisup
 from hali_jax import step as step_lib
 from hali_jax import train
+from hali_jax import writers
 from hali_jax.errors import UserError
 from tests.test_input_pipeline import mock_tfds
 from tests.test_train import read_events
@@ -425,15 +425,15 @@ def test_a_run_logs_its_diagnostics_and_reads_its_baselines_back_on_resume(tmp_p
   config = mnist_semisup.get_config('tiny')
   config.semisup.update(labels_per_class=1, batch_size=4, adversarial=False)
   config.probes.enabled = False
-  read = lambda: json.loads((tmp_path / 'test_errors.json').read_text())
+  read = lambda: writers.read_records(tmp_path, semisup.TEST_ERRORS_FILE)
   with mock_tfds(num_examples=20):
     train.train_and_evaluate(config, str(tmp_path))
     first = read()
-    assert [r['step'] for r in first['history']] == [2, 4]
-    assert (first['step'], first['test_errors']) == (4, first['history'][-1]['test_errors'])
-    assert not first['adversarial'] and first['labels_per_class'] == 1
-    assert set(first['baselines']) == {'refit_errors/pixels', 'refit_errors/init_level_1',
-                                       'refit_errors/init_level_2'}
+    assert [(r['step'], r['kind']) for r in first] == [
+        (0, 'baselines'), (2, 'test_errors'), (4, 'test_errors')]
+    assert set(first[0]) == {'step', 'kind', 'refit_errors/pixels', 'refit_errors/init_level_1',
+                             'refit_errors/init_level_2'}
+    assert {'test_errors', 'refit_errors/level_1', 'refit_errors/level_2'} <= set(first[2])
     assert {'semisup/test_errors', 'semisup/refit_errors/level_1',
             'semisup/refit_errors/level_2', 'semisup/baseline/refit_errors/pixels',
             'semisup/baseline/refit_errors/init_level_2'} <= set(read_events(tmp_path))
@@ -443,9 +443,8 @@ def test_a_run_logs_its_diagnostics_and_reads_its_baselines_back_on_resume(tmp_p
     config.num_train_steps = 6
     train.train_and_evaluate(config, str(tmp_path))
   second = read()
-  assert second['baselines'] == first['baselines']
-  assert second['history'][:2] == first['history']
-  assert [r['step'] for r in second['history']] == [2, 4, 6]
+  assert second[:3] == first  # The baselines and the evaluations before the resume, kept.
+  assert [r['step'] for r in second] == [0, 2, 4, 6]
 
 
 def test_held_out_training_images_for_choosing_settings(shared_tfds):

@@ -6,6 +6,7 @@ most tests; XLA's persistent cache lets the other runs, in this process or in su
 skip recompiling what an earlier one compiled.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -35,6 +36,7 @@ from hali_jax import ops
 from hali_jax import probes
 from hali_jax import train
 from hali_jax import workdir_lock
+from hali_jax import writers
 from hali_jax.errors import UserError
 from tests.conftest import XLA_HAS_OLDER_EMITTERS
 from tests.test_input_pipeline import mock_tfds
@@ -109,9 +111,10 @@ def grid_side(images: int, side: int, columns: int) -> tuple[int, int]:
 
 def check_outputs(workdir: Path, steps: list[int], eval_steps: list[int], side: int,
                   levels: int, eval_images: int = 8, classes: bool = True) -> dict:
-  """Checkpoints, config.json, events, PNG grids and probes of a finished run (`classes`: with
-  the classification probes); returns the events."""
-  assert checkpoint.all_steps(workdir) == steps
+  """Full states, snapshots, config.json, events, PNG grids and probes of a finished run
+  (`classes`: with the classification probes); returns the events."""
+  assert checkpoint.state_steps(workdir) == steps
+  assert sorted(int(p.name) for p in (workdir / 'snapshots').iterdir()) == eval_steps
   assert (workdir / 'config.json').is_file()
   events = read_events(workdir)
   for tag in ('train/loss_d', 'train/loss_g', 'train/d_accuracy_q', 'train/steps_per_sec'):
@@ -128,7 +131,7 @@ def check_outputs(workdir: Path, steps: list[int], eval_steps: list[int], side: 
       png = np.asarray(Image.open(workdir / 'images' / f'{name.replace("/", "_")}_{step:08d}.png'))
       assert png.shape == (height, width, 3) and png.std() > 0, name
   # The probes: the baselines measured once, then one record per evaluation, in TensorBoard too.
-  records = probes.read_records(workdir)
+  records = writers.read_records(workdir, probes.PROBES_FILE)
   assert [(r['step'], r['kind']) for r in records] == [(0, 'baselines')] + [
       (step, 'probes') for step in eval_steps]
   classifications = ('logistic/pixels', 'nn/pixels', f'logistic/init_level_{levels}')
@@ -220,12 +223,37 @@ def test_ema_is_checkpointed_resumed_and_restored_for_analysis(tmp_path):
   g_params = {k: v for k, v in straight_state.params.items() if k != 'discriminator'}
   averaged = jax.tree.leaves(straight_state.ema['params'])
   assert not all(np.array_equal(a, b) for a, b in zip(averaged, jax.tree.leaves(g_params)))
-  # Analysis gets the averages, with D's current parameters.
-  restored = checkpoint.restore(str(tmp_path / 'resumed'))
-  assert_trees_equal(restored.variables, {
-      'params': {**straight_state.ema['params'],
-                 'discriminator': straight_state.params['discriminator']},
-      'batch_stats': straight_state.ema['batch_stats']})
+  # Analysis gets the averages, with D's current parameters, from the snapshot or from the full
+  # state alike.
+  expected = {'params': {**straight_state.ema['params'],
+                         'discriminator': straight_state.params['discriminator']},
+              'batch_stats': straight_state.ema['batch_stats']}
+  for step in (2, 4):
+    restored = checkpoint.restore(str(tmp_path / 'resumed'), step=step)
+    shutil.rmtree(tmp_path / 'straight' / 'snapshots' / str(step))
+    from_state = checkpoint.restore(str(tmp_path / 'straight'), step=step)
+    assert_trees_equal(restored.variables, from_state.variables)
+  assert_trees_equal(restored.variables, expected)
+  assert checkpoint.restore(str(tmp_path / 'straight')).step == 4
+
+
+def test_orbax_keeps_the_last_full_states_and_every_nth(tmp_path):
+  """checkpoint_max_to_keep and checkpoint_keep_every_steps, by Orbax's preservation policies,
+  across a restart of the manager (a resumed run); snapshots are all kept."""
+  config = tiny_config(checkpoint_max_to_keep=2, checkpoint_keep_every_steps=4)
+  state = {'w': np.arange(3.0)}
+  with checkpoint.create_manager(str(tmp_path), config) as manager:
+    for step in range(1, 11):
+      checkpoint.save(manager, step, state, {})
+  assert checkpoint.state_steps(tmp_path) == [4, 8, 9, 10]
+  with checkpoint.create_manager(str(tmp_path), config) as manager:
+    for step in (11, 12, 13):
+      checkpoint.save(manager, step, state, {})
+  assert checkpoint.state_steps(tmp_path) == [4, 8, 12, 13]
+  with checkpoint.create_snapshot_manager(str(tmp_path)) as snapshots:
+    for step in range(1, 6):
+      checkpoint.save_snapshot(snapshots, step, state)
+  assert checkpoint.all_steps(tmp_path) == [1, 2, 3, 4, 5, 8, 12, 13]
 
 
 def test_quick_compile_reaches_the_initializer_step_evaluation_and_finiteness_check(
@@ -304,7 +332,7 @@ def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path
       UserError, match=r'steps 3 to 5 all had non-finite losses or gradients.*last good '
                        r'checkpoint is step 2'):
     train.train_and_evaluate(config, str(workdir))
-  assert checkpoint.all_steps(workdir) == [2]
+  assert checkpoint.state_steps(workdir) == [2]
   skipped = {step: event.simple_value for step, event in
              read_events(workdir)['train/skipped'].items()}
   # Logged per step, or once at step 8: 3 of the 6 steps since the resume skipped.
@@ -312,8 +340,10 @@ def test_divergence_stops_the_run_at_the_last_good_checkpoint(straight, tmp_path
 
 
 def damage(checkpoint_dir: Path, how: str) -> None:
-  """What a crash mid-write or a full disk leaves: garbled bytes, missing files, bad metadata."""
-  state = checkpoint_dir / 'state'
+  """What a crash mid-write or a full disk leaves: garbled bytes, missing files, bad metadata
+  (in a full state's or a snapshot's arrays)."""
+  (state,) = [checkpoint_dir / item for item in ('state', 'variables')
+              if (checkpoint_dir / item).is_dir()]
   if how == 'bytes':
     for path in state.glob('ocdbt.process_0/d/*'):
       data = bytearray(path.read_bytes())
@@ -332,7 +362,10 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_resumes(straight, 
   shutil.copytree(straight[0], workdir)
   damage(workdir / 'checkpoints' / '4', how)
   good = snapshot(workdir / 'checkpoints' / '2')
-  # Analysis: an explicit damaged step is refused; the latest readable one is found.
+  # Analysis reads the step's snapshot; with it damaged too, an explicit step is refused.
+  assert_trees_equal(checkpoint.restore(str(workdir), step=4).variables,
+                     checkpoint.restore(str(straight[0]), step=4).variables)
+  damage(workdir / 'snapshots' / '4', how)
   with pytest.raises(UserError, match='checkpoint at step 4 .* cannot be read'):
     checkpoint.restore(str(workdir), step=4)
   with mock_tfds(MOCK_EXAMPLES):
@@ -461,19 +494,34 @@ def test_main_reports_bad_input_without_traceback(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
-  command = main_command(tmp_path, '--config.num_train_steps=100000',
-                         '--config.checkpoint_every_steps=100000',
-                         '--config.eval_every_steps=100000', f'--log_dir={tmp_path / "logs"}')
+@pytest.fixture(scope='module')
+def straight_six(tmp_path_factory):
+  """The final state of configs/mnist.py:tiny run straight through 6 steps, checkpointing every
+  step (as the runs that test_sigterm_* stops)."""
+  with mock_tfds(MOCK_EXAMPLES):
+    return train.train_and_evaluate(tiny_config(num_train_steps=6, checkpoint_every_steps=1),
+                                    str(tmp_path_factory.mktemp('straight_six')))
+
+
+@pytest.mark.parametrize('moment', [
+    'Training hali',  # Compiling: it stops after step 1.
+    'step 2/6',  # Training, a save in flight at every step.
+    'step 4 probes'])  # Evaluated; the snapshot and the state of step 4 in flight.
+def test_sigterm_during_asynchronous_saves_exits_0_and_resumes_as_straight(straight_six, tmp_path,
+                                                                          moment):
+  """SIGTERM, at several moments of a run that checkpoints every step (so that an asynchronous
+  save is nearly always in flight): status 0, a readable checkpoint at the step it stopped, and
+  the resumed run ends bitwise where the straight one does, with its records and snapshots."""
+  command = main_command(tmp_path, '--config.num_train_steps=6',
+                         '--config.checkpoint_every_steps=1', f'--log_dir={tmp_path / "logs"}')
   process = subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT,
-                             env={**subprocess_env(),
-                                  'MOCK': str(MOCK_EXAMPLES)})
+                             env={**subprocess_env(), 'MOCK': str(MOCK_EXAMPLES)})
   log = []
   try:
-    for line in process.stdout:  # Training has started once step 2 is logged.
+    for line in process.stdout:
       log.append(line)
-      if 'step 2/100000' in line:
+      if line.startswith(moment):
         break
     process.send_signal(signal.SIGTERM)
     log += process.communicate(timeout=120)[0]
@@ -481,21 +529,104 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
     process.kill()
   log = ''.join(log)
   assert process.returncode == 0, log[-3000:]
-  (stopped_at,) = checkpoint.all_steps(tmp_path)
-  assert 2 <= stopped_at < 100000
-  assert f'Stopped at step {stopped_at}' in log and 'NO TENSORFLOW' in log
+  stopped_at = checkpoint.state_steps(tmp_path)[-1]
+  # A machine fast enough may finish the 6 steps before the signal lands.
+  assert f'Stopped at step {stopped_at}' in log or stopped_at == 6, log[-3000:]
   assert checkpoint.restore(str(tmp_path)).step == stopped_at
+  assert 'NO TENSORFLOW' in log and 'Traceback' not in log
   # The console holds the program's lines, not the libraries' notices about themselves.
   assert 'steps/s  ETA' in log
   assert 'Unable to initialize backend' not in log and 'OpenCV' not in log
   # For people: the messages without absl's prefix (date, thread id, file), warnings marked;
   # the log file keeps the prefix.
   absl_prefix = r'^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\] '
-  assert re.search(r'^step 2/100000  ', log, re.M) and not re.search(absl_prefix, log, re.M)
-  assert re.search(r'^warning: Got SIGTERM: saving a checkpoint', log, re.M), log[-3000:]
+  assert re.search(r'^step 1/6  ', log, re.M) and not re.search(absl_prefix, log, re.M)
   logged = (tmp_path / 'logs' / 'hali_jax.log').read_text()
-  assert re.search(absl_prefix + 'step 2/100000  ', logged, re.M), logged[-3000:]
-  assert re.search(r'^W\d{4} .*\] Got SIGTERM', logged, re.M)
+  assert re.search(absl_prefix + 'step 1/6  ', logged, re.M), logged[-3000:]
+  if stopped_at < 6:
+    assert re.search(r'^warning: Got SIGTERM: saving a checkpoint', log, re.M), log[-3000:]
+    assert re.search(r'^W\d{4} .*\] Got SIGTERM', logged, re.M)
+
+  with mock_tfds(MOCK_EXAMPLES):
+    resumed = train.train_and_evaluate(
+        tiny_config(num_train_steps=6, checkpoint_every_steps=1), str(tmp_path))
+  assert_trees_equal(resumed, straight_six)
+  records = writers.read_records(tmp_path, probes.PROBES_FILE)
+  assert [(r['step'], r['kind']) for r in records] == [
+      (0, 'baselines'), (2, 'probes'), (4, 'probes'), (6, 'probes')]
+  assert sorted(int(p.name) for p in (tmp_path / 'snapshots').iterdir()) == [2, 4, 6]
+
+
+# Where no filesystem can be mounted, a write layer fills the disk instead: the PNG files whose
+# name holds $ENOSPC_ON fail as on a full disk. Runs before MAIN_SCRIPT.
+WRITE_LAYER = textwrap.dedent("""
+    import errno, os, PIL.Image
+
+    def save_on_a_full_disk(image, fp, *args, save=PIL.Image.Image.save, **kwargs):
+      if os.environ.get('ENOSPC_ON') and os.environ['ENOSPC_ON'] in str(fp):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(fp))
+      return save(image, fp, *args, **kwargs)
+
+    PIL.Image.Image.save = save_on_a_full_disk
+""")
+
+
+@contextlib.contextmanager
+def small_disk(directory: Path, free: int):
+  """A tmpfs mounted at `directory` and filled but for about `free` bytes (CI runs as root, who
+  may mount one); yields the function that frees its space, or None where none can be mounted."""
+  directory.mkdir()
+  if not shutil.which('mount') or subprocess.run(
+      ['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(directory)],
+      capture_output=True).returncode:
+    yield None
+    return
+  try:
+    filler = directory / 'filler'
+    filler.write_bytes(bytes(shutil.disk_usage(directory).free - free))
+    yield filler.unlink
+  finally:
+    subprocess.run(['umount', str(directory)], check=True)
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_freed(straight, tmp_path):
+  """A disk that fills at step 3 of a run that checkpoints every step (Orbax's asynchronous save
+  of step 3 fails): status 2 and one `error:` line naming the path, the free space, what it
+  needed and the newest complete checkpoint, which stays readable: freed, the run resumes from
+  it and ends as the straight run, with its records, images and snapshots."""
+  size = lambda d: sum(p.stat().st_size for p in d.rglob('*') if p.is_file())
+  state = size(straight[0] / 'checkpoints' / '2')
+  free = 2 * state + size(straight[0] / 'snapshots' / '2') + state // 2  # Steps 1 and 2 fit.
+  workdir = tmp_path / 'disk' / 'run'
+  env = {**subprocess_env(), 'MOCK': str(MOCK_EXAMPLES)}
+  with small_disk(tmp_path / 'disk', free) as free_space:
+    if free_space is None:  # The write layer: the first image of step 4 fails.
+      env['ENOSPC_ON'] = '_00000004.png'
+    result = subprocess.run(
+        [sys.executable, '-c', WRITE_LAYER + MAIN_SCRIPT, '--config=configs/mnist.py:tiny',
+         f'--workdir={workdir}', '--config.checkpoint_every_steps=1',
+         '--config.checkpoint_max_to_keep=4'],
+        cwd=REPO, text=True, capture_output=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    newest = checkpoint.state_steps(workdir)[-1]
+    assert newest == (2 if free_space else 3)
+    where = re.escape(str(workdir))
+    assert re.fullmatch(
+        rf'error: The disk is full: writing {where}/\S+ failed with [\d.]+ \S+ free '
+        rf'\(((a full state|a snapshot) needs [\d.]+ \S+; )?this run\'s checkpoints may need up '
+        rf'to .*\)\. The newest complete checkpoint is step {newest} in '
+        rf'{where}/checkpoints/{newest}\. Free space and run the same command again to resume.*',
+        errors[0]), errors[0]
+
+    if free_space:
+      free_space()
+    with mock_tfds(MOCK_EXAMPLES):
+      resumed = train.train_and_evaluate(
+          tiny_config(checkpoint_every_steps=1, checkpoint_max_to_keep=4), str(workdir))
+    assert_trees_equal(resumed, straight[1])
+    check_outputs(workdir, steps=[1, 2, 3, 4], eval_steps=[2, 4], side=28, levels=2)
 
 
 def test_real_mnist_without_tensorflow(tmp_path, shared_tfds):
