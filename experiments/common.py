@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from hali_jax import checkpoint
+from hali_jax import disk
 from hali_jax import input_pipeline
 from hali_jax import writers
 from hali_jax.errors import make_directory
@@ -125,11 +126,18 @@ def save_table(name: str, rows: list[dict], decimals: int = 4) -> tuple[str, str
 
 
 def run(main) -> None:
-  """app.run(main), with bad user input reported as `error: ...` and exit status 2."""
+  """app.run(main), with bad user input and a full disk reported as `error: ...` and exit
+  status 2."""
   def guarded(argv):
     try:
       main(argv)
     except UserError as e:
       print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    except Exception as e:  # pylint: disable=broad-except
+      if not disk.out_of_space(e):
+        raise
+      _, failed = disk.failed_write(e, FLAGS.output_dir or os.getcwd())
+      print(f'error: {failed}. Free space and run the same command again.', file=sys.stderr)
       sys.exit(2)
   app.run(guarded)

@@ -124,6 +124,14 @@ def _failed_path(error: BaseException, workdir: str) -> str:
   return workdir
 
 
+def failed_write(error: BaseException, directory: str) -> tuple[str, str]:
+  """(the path, 'The disk is full: writing PATH failed with N free') of an `out_of_space` error
+  of a write in `directory`."""
+  path = _failed_path(error, directory)
+  return path, (f'The disk is full: writing {path} failed with '
+                f'{size(free_bytes(directory) or 0)} free')
+
+
 @contextlib.contextmanager
 def full_disk_is_an_error(workdir: str, run_needs: Needs):
   """Within the block, a write that fails for lack of space raises a UserError of one line."""
@@ -132,7 +140,7 @@ def full_disk_is_an_error(workdir: str, run_needs: Needs):
   except Exception as e:  # pylint: disable=broad-except
     if not out_of_space(e):
       raise
-    path = _failed_path(e, workdir)
+    path, failed = failed_write(e, workdir)
     parts = os.path.relpath(path, os.path.abspath(workdir)).split(os.sep)
     needed = {checkpoint.CHECKPOINTS: f'a full state needs {size(run_needs.state)}; ',
               checkpoint.SNAPSHOTS: f'a snapshot needs {size(run_needs.snapshot)}; '}.get(
@@ -142,7 +150,6 @@ def full_disk_is_an_error(workdir: str, run_needs: Needs):
               f'{os.path.join(workdir, checkpoint.CHECKPOINTS, str(steps[-1]))}'
               if steps else 'No checkpoint was complete')
     raise UserError(
-        f'The disk is full: writing {path} failed with {size(free_bytes(workdir) or 0)} free '
-        f'({needed}this run\'s checkpoints may need up to {run_needs}). {newest}. Free space '
-        'and run the same command again to resume, or keep fewer checkpoints '
+        f'{failed} ({needed}this run\'s checkpoints may need up to {run_needs}). {newest}. Free '
+        'space and run the same command again to resume, or keep fewer checkpoints '
         '(--config.checkpoint_max_to_keep, --config.checkpoint_snapshots=False).') from e

@@ -76,9 +76,13 @@ def _create(path: str) -> bool:
   except FileExistsError:
     return False
   pid = os.getpid()
-  with os.fdopen(fd, 'w') as f:
-    json.dump(dict(host=socket.gethostname(), pid=pid, start_time=_start_time(pid),
-                   created=time.time()), f)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(dict(host=socket.gethostname(), pid=pid, start_time=_start_time(pid),
+                     created=time.time()), f)
+  except OSError:  # A full disk: no empty lock left to refuse the next run for STALE_SECONDS.
+    os.remove(path)
+    raise
   return True
 
 
