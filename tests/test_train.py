@@ -612,6 +612,11 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes_once_freed(straigh
     assert len(errors) == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     newest = checkpoint.state_steps(workdir)[-1]
     assert newest == (2 if free_space else 3)
+    # Said at start: 4 kept full states and the one being written, a snapshot per evaluation.
+    assert bool(free_space) == bool(re.search(
+        rf'^warning: {re.escape(str(workdir))} has [\d.]+ \S+ free, but this run\'s checkpoints '
+        r'may need up to [\d.]+ \S+: 5 full states of [\d.]+ \S+ and 2 snapshots of ',
+        result.stderr, re.M)), result.stderr[-3000:]
     where = re.escape(str(workdir))
     assert re.fullmatch(
         rf'error: The disk is full: writing {where}/\S+ failed with [\d.]+ \S+ free '
