@@ -32,7 +32,9 @@ class Conv:
   column (0.2 or 0.5 on every layer's input). The text of sec. 4 says otherwise ("dropout every 3
   layers with a probability of retention of 0.2"): `build_architecture(dropout_rates='text')`
   reads it as a drop probability of 0.8 on the input of every third discriminator layer, counting
-  from the first, and none elsewhere.
+  from the first, and none elsewhere. `dropout_rates='light'` (not the paper's) drops 20% of
+  the input of every layer Table 4 drops at all, the rate that let the fully connected 'mlp'
+  learn (experiments/RESULTS.md, "A recipe that learns", run I).
   """
   features: int
   kernel: int = 3
@@ -146,14 +148,15 @@ def _halving_sides(side: int, target: int) -> list[int]:
   return sides
 
 
-DROPOUT_RATES = ('table', 'text')
+DROPOUT_RATES = ('table', 'text', 'light')
 MEAN_INITS = ('default', 'unit', 'data')
 
 
 def build_architecture(arch: str, num_levels: int, image_channels: int, width: float = 1.0,
                        z_channels: int = 64, z_dim: int = 256, logvar_init: float = 0.0,
                        dropout_rates: str = 'table', compute_dtype: str = 'float32',
-                       mean_init: str = 'default') -> Architecture:
+                       mean_init: str = 'default',
+                       disc_width: float | None = None) -> Architecture:
   """Every network's layers for architecture `arch` at depth `num_levels`.
 
   With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
@@ -177,12 +180,13 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
     * Depth 1 is ALI: x -> z_1 (a vector) through the level-1 and level-2 networks composed.
   'mlp' (MNIST, our design) is not convolutional: ALI's and BiGAN's fully connected networks,
   every latent a vector, at any depth L >= 1 (`_mlp_architecture`).
-  `width` multiplies every hidden width (not the latents, not the image channels).
+  `width` multiplies every hidden width (not the latents, not the image channels);
+  `disc_width`, if given, the discriminator's instead (None: `width`).
   `z_channels`: the channels of each spatial latent z_1..z_{L-1}; for 'mlp', the size of each
   intermediate vector latent. `z_dim`: the size of the top latent z_L.
   `logvar_init` is the initial log-variance of every Gaussian layer. `dropout_rates`: the
-  discriminator's dropout, 'table' (Table 4's column) or 'text' (sec. 4's sentence; see `Conv` and
-  `_text_dropout`). `compute_dtype`: 'float32' or 'bfloat16' (see `Architecture`). `mean_init`:
+  discriminator's dropout, 'table' (Table 4's column), 'text' (sec. 4's sentence) or 'light'
+  (0.2 where the table drops; see `Conv`). `compute_dtype`: 'float32' or 'bfloat16' (see `Architecture`). `mean_init`:
   the Gaussian layers' mean heads, 'default' or 'unit' (see `Architecture`).
   """
   if arch not in ARCHITECTURES:
@@ -194,21 +198,26 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
   if mean_init not in MEAN_INITS:
     raise UserError(f'model.mean_init={mean_init!r}: choose one of {MEAN_INITS}.')
   w = lambda n: max(1, round(n * width))
+  wd = w if disc_width is None else lambda n: max(1, round(n * disc_width))
   if arch == 'mlp':
     side = ARCHITECTURES[arch][0]
-    architecture = _mlp_architecture(w, num_levels, (side, side, image_channels), z_channels, z_dim)
+    architecture = _mlp_architecture(w, wd, num_levels, (side, side, image_channels), z_channels,
+                                     z_dim)
   else:
-    architecture = _convolutional_architecture(arch, w, num_levels, image_channels, z_channels,
-                                               z_dim)
+    architecture = _convolutional_architecture(arch, w, wd, num_levels, image_channels,
+                                               z_channels, z_dim)
   if dropout_rates == 'text':
     architecture = _text_dropout(architecture)
+  elif dropout_rates == 'light':
+    architecture = _redo_dropout(architecture, lambda rate, index: 0.2 if rate else 0.0)
   return dataclasses.replace(architecture, logvar_init=logvar_init, compute_dtype=compute_dtype,
                              mean_init=mean_init)
 
 
-def _convolutional_architecture(arch: str, w, num_levels: int, image_channels: int,
+def _convolutional_architecture(arch: str, w, wd, num_levels: int, image_channels: int,
                                 z_channels: int, z_dim: int) -> Architecture:
-  """Every arch but 'mlp': spatial latents z_1..z_{L-1} from a family's stages."""
+  """Every arch but 'mlp': spatial latents z_1..z_{L-1} from a family's stages; w(n) and wd(n)
+  are the widths of a layer of n features in the encoder and decoder, and in D."""
   x_side, z1_side = ARCHITECTURES[arch]
   spatial_sides = [z1_side // 2**l for l in range(num_levels - 1)]
   if spatial_sides and spatial_sides[-1] < 4:
@@ -219,7 +228,7 @@ def _convolutional_architecture(arch: str, w, num_levels: int, image_channels: i
   if len(down_x) - 1 not in (1, 2):
     raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
   family = _lean_stages if arch == '28-lean' else _table_4_stages
-  stages = family(w, x_side, down_x, image_channels)
+  stages = family(w, wd, x_side, down_x, image_channels)
   return _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides, z_channels,
                    z_dim)
 
@@ -230,10 +239,19 @@ def _text_dropout(a: Architecture) -> Architecture:
   D's layers are counted in the order disc_stages, disc_z_paths ('mlp': the z paths count),
   disc_joint, disc_logit; only `Conv` layers count (a `Flatten` has no dropout).
   """
+  return _redo_dropout(a, lambda rate, index: 0.8 if index % 3 == 0 else 0.0)
+
+
+def _redo_dropout(a: Architecture, new_rate) -> Architecture:
+  """`a` with each discriminator `Conv`'s dropout replaced by new_rate(its rate, its index).
+
+  The index counts D's `Conv` layers in the order disc_stages, disc_z_paths, disc_joint,
+  disc_logit.
+  """
   conv_index = itertools.count()
 
   def redo(layers):
-    return tuple(dataclasses.replace(l, dropout=0.8 if next(conv_index) % 3 == 0 else 0.0)
+    return tuple(dataclasses.replace(l, dropout=new_rate(l.dropout, next(conv_index)))
                  if isinstance(l, Conv) else l for l in layers)
 
   stages = tuple(redo(stage) for stage in a.disc_stages)
@@ -244,7 +262,7 @@ def _text_dropout(a: Architecture) -> Architecture:
                              disc_logit=logit)
 
 
-def _mlp_architecture(w, num_levels: int, image_shape: tuple[int, int, int], z_channels: int,
+def _mlp_architecture(w, wd, num_levels: int, image_shape: tuple[int, int, int], z_channels: int,
                       z_dim: int) -> Architecture:
   """'mlp': ALI's and BiGAN's fully connected MNIST networks (Donahue et al. 2017), any depth.
 
@@ -255,23 +273,23 @@ def _mlp_architecture(w, num_levels: int, image_shape: tuple[int, int, int], z_c
   probes back (experiments/RESULTS.md, "A recipe that learns", runs D and I).
   """
   dense = lambda features, **kw: Conv(features, kernel=1, **kw)
-  d_dense = lambda features, **kw: dense(features, dropout=0.2, **kw)
+  d_dense = lambda features, **kw: dense(wd(features), dropout=0.2, **kw)
   hidden = (dense(w(1024), norm='bn'), dense(w(1024), norm='bn'))
   to_image = (dense(math.prod(image_shape), act='tanh'), ToGrid(image_shape[0]))
-  z_path = (d_dense(w(512), norm='wn'), d_dense(w(512), norm='wn'))
+  z_path = (d_dense(512, norm='wn'), d_dense(512, norm='wn'))
   return Architecture(
       image_shape=image_shape,
       latent_shapes=((z_channels,),) * (num_levels - 1) + ((z_dim,),),
       encoder=((Flatten(),) + hidden,) + (hidden,) * (num_levels - 1),
       decoder=(hidden + to_image,) + (hidden,) * (num_levels - 1),
-      disc_stages=((Flatten(), d_dense(w(1024), norm='wn'), d_dense(w(1024), norm='wn')),)
+      disc_stages=((Flatten(), d_dense(1024, norm='wn'), d_dense(1024, norm='wn')),)
       + ((),) * (num_levels - 1),
       disc_z_paths=(z_path,) * num_levels,
-      disc_joint=(d_dense(w(1024)), d_dense(w(1024))),
-      disc_logit=d_dense(1, act='linear'))
+      disc_joint=(d_dense(1024), d_dense(1024)),
+      disc_logit=dense(1, act='linear', dropout=0.2))
 
 
-def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
+def _table_4_stages(w, wd, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
   """Table 4's networks, for any image side with 1 or 2 halvings to z_1."""
   def lrelu_conv_before_gaussian():  # Table 4: "Convolution 3x3 1x1 128" ahead of each Gaussian layer.
     return Conv(w(128))
@@ -324,27 +342,27 @@ def _table_4_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _
       Conv(image_channels, kernel=1, act='tanh'))
 
   # Discriminator, x -> features at z_1's side (Table 4, D(x)), weight norm and dropout.
-  disc_x = (Conv(w(32), norm='wn', dropout=0.2), Conv(w(64), stride=2, norm='wn', dropout=0.5),
-            Conv(w(64), stride=s2, norm='wn', dropout=0.5), Conv(w(64), norm='wn', dropout=0.5))
+  disc_x = (Conv(wd(32), norm='wn', dropout=0.2), Conv(wd(64), stride=2, norm='wn', dropout=0.5),
+            Conv(wd(64), stride=s2, norm='wn', dropout=0.5), Conv(wd(64), norm='wn', dropout=0.5))
 
   def disc_to_vector(side):  # Table 4, D(x, z1).
-    return ((Conv(w(128), norm='wn', dropout=0.2),)
-            + tuple(Conv(w(c), stride=2, norm='wn', dropout=0.5) for c in vector_path_widths(side))
-            + (Conv(w(512), kernel=4, norm='wn', dropout=0.2, padding='VALID'),))
+    return ((Conv(wd(128), norm='wn', dropout=0.2),)
+            + tuple(Conv(wd(c), stride=2, norm='wn', dropout=0.5) for c in vector_path_widths(side))
+            + (Conv(wd(512), kernel=4, norm='wn', dropout=0.2, padding='VALID'),))
 
   def disc_down(side):
     del side
-    return (Conv(w(256), norm='wn', dropout=0.2), Conv(w(256), stride=2, norm='wn', dropout=0.5))
+    return (Conv(wd(256), norm='wn', dropout=0.2), Conv(wd(256), stride=2, norm='wn', dropout=0.5))
 
   return _Stages(
       enc_x=enc_x, enc_to_vector=enc_to_vector, enc_down=enc_down,
       dec_from_vector=dec_from_vector, dec_up=dec_up, dec_x=dec_x, disc_x=disc_x,
       disc_to_vector=disc_to_vector, disc_down=disc_down,
-      disc_joint=(Conv(w(1024), kernel=1, dropout=0.5), Conv(w(1024), kernel=1, dropout=0.5)),
+      disc_joint=(Conv(wd(1024), kernel=1, dropout=0.5), Conv(wd(1024), kernel=1, dropout=0.5)),
       disc_logit=Conv(1, kernel=1, act='linear', dropout=0.5))
 
 
-def _lean_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
+def _lean_stages(w, wd, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
   """'28-lean': one convolution per stage, the widths halving towards the image."""
   del down_x  # One halving, 28 -> 14.
 
@@ -363,9 +381,9 @@ def _lean_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Sta
     return tuple(layers)
 
   def disc_to_vector(side):
-    return tuple(Conv(w(64 * 2**i), stride=2, norm='wn', dropout=0.5)
+    return tuple(Conv(wd(64 * 2**i), stride=2, norm='wn', dropout=0.5)
                  for i in range(halvings(side))) + (
-        Conv(w(256), kernel=4, norm='wn', dropout=0.2, padding='VALID'),)
+        Conv(wd(256), kernel=4, norm='wn', dropout=0.2, padding='VALID'),)
 
   return _Stages(
       enc_x=(Conv(w(32)), Conv(w(32), stride=2, norm='bn')),
@@ -375,10 +393,10 @@ def _lean_stages(w, x_side: int, down_x: list[int], image_channels: int) -> _Sta
       dec_up=lambda side: (Conv(w(64), norm='bn'), Upsample(side), Conv(w(32), norm='bn')),
       dec_x=(Conv(w(32), norm='bn'), Upsample(x_side), Conv(w(16), norm='bn'),
              Conv(image_channels, kernel=1, act='tanh')),
-      disc_x=(Conv(w(32), norm='wn', dropout=0.2), Conv(w(32), stride=2, norm='wn', dropout=0.5)),
+      disc_x=(Conv(wd(32), norm='wn', dropout=0.2), Conv(wd(32), stride=2, norm='wn', dropout=0.5)),
       disc_to_vector=disc_to_vector,
-      disc_down=lambda side: (Conv(w(64), stride=2, norm='wn', dropout=0.5),),
-      disc_joint=(Conv(w(512), kernel=1, dropout=0.5), Conv(w(512), kernel=1, dropout=0.5)),
+      disc_down=lambda side: (Conv(wd(64), stride=2, norm='wn', dropout=0.5),),
+      disc_joint=(Conv(wd(512), kernel=1, dropout=0.5), Conv(wd(512), kernel=1, dropout=0.5)),
       disc_logit=Conv(1, kernel=1, act='linear', dropout=0.5))
 
 

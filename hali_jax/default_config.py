@@ -40,6 +40,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.arch = '28'  # '128', '64', '32' or '28': see architectures.ARCHITECTURES.
   c.model.num_levels = 2  # L. 1 is ALI.
   c.model.width = 1.0  # Multiplier on every hidden width (not on latent sizes).
+  # The discriminator's own multiplier; None: model.width. Narrowing the encoder and decoder
+  # leaves the latents' sizes, so a D narrowed with them reads z_1's channels beside far fewer
+  # of x's (configs/cifar10.py:cpu).
+  c.model.disc_width = ml_collections.config_dict.placeholder(float)
   c.model.z_channels = 64  # Channels of each spatial latent z_1..z_{L-1}.
   c.model.z_dim = 256  # Size of the top latent z_L (a vector).
   # Initial log-variance of every Gaussian kernel (the bias of its log-variance head).
@@ -56,9 +60,15 @@ def get_default_config() -> ml_collections.ConfigDict:
   # only, its std falling linearly from instance_noise_std at step 0 to 0 at instance_noise_steps.
   c.model.instance_noise_std = 0.0
   c.model.instance_noise_steps = 10_000
+  # Cycle consistency, opt-in (beyond Algorithm 1; hali_jax/cycle.py): the weights of ALICE's
+  # reconstruction costs, added to the generator's: the mean squared error of
+  # x_hat_1 = T(x | z_1) o T(z_1 | x), and of each z_{l-1}'s mean through z_l (l >= 2).
+  c.model.cycle_weight = 0.0
+  c.model.latent_cycle_weight = 0.0
   c.model.dropout = True  # Discriminator dropout (off: none at all).
-  # Its rates: 'table' (Table 4's dropout column) or 'text' (sec. 4: "dropout every 3 layers with
-  # a probability of retention of 0.2", read as 0.8 on every third layer's input).
+  # Its rates: 'table' (Table 4's dropout column), 'text' (sec. 4: "dropout every 3 layers with
+  # a probability of retention of 0.2", read as 0.8 on every third layer's input) or 'light'
+  # (not the paper's: 0.2 on the input of every layer the table drops, as the 'mlp' has).
   c.model.dropout_rates = 'table'
   c.model.leaky_slope = 0.2
   # 'float32', or 'bfloat16' for mixed precision on GPUs and TPUs: the networks compute in
@@ -107,7 +117,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.semisup.held_out_examples = 0
   # At every evaluation the run also refits a logistic regression (weight decay probes.l2) on
   # the labelled examples' codes of each level and counts its test errors (semisup.Diagnostics):
-  # TensorBoard semisup/..., DIR/test_errors.json, one console line.
+  # TensorBoard semisup/..., DIR/test_errors.jsonl, one console line.
   # The baseline and the settings beyond the paper's eq. 9-10, each off by default:
   # False: eq. 10 alone, the same encoder, classifier, input noise and labelled draws, but no
   # discriminator and no adversarial term (the "labels alone" row beside HALI's).
@@ -234,6 +244,8 @@ FIELD_RULES = {
     'input.cache_dir': ((lambda v: v is None or isinstance(v, str)), 'a directory, or None'),
     'model.num_levels': _POSITIVE_INT,
     'model.width': _number(float, 0, low_open=True),
+    'model.disc_width': ((lambda v: v is None or _number(float, 0, low_open=True)[0](v)),
+                         'a number that is > 0, or None (model.width)'),
     'model.z_channels': _POSITIVE_INT,
     'model.z_dim': _POSITIVE_INT,
     'model.logvar_init': _number(float),
@@ -242,8 +254,10 @@ FIELD_RULES = {
     'model.input_noise_std': _number(float, 0),
     'model.instance_noise_std': _number(float, 0),
     'model.instance_noise_steps': _POSITIVE_INT,
+    'model.cycle_weight': _number(float, 0),
+    'model.latent_cycle_weight': _number(float, 0),
     'model.dropout': _of_type(bool, 'True or False'),
-    'model.dropout_rates': _one_of('table', 'text'),
+    'model.dropout_rates': _one_of('table', 'text', 'light'),
     'model.leaky_slope': _number(float, 0, 1),
     'model.compute_dtype': _one_of('float32', 'bfloat16'),
     'optim.learning_rate': _number(float, 0, low_open=True),

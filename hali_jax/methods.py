@@ -15,6 +15,7 @@ from typing import Callable
 import ml_collections
 import numpy as np
 
+from hali_jax import cycle
 from hali_jax import default_config
 from hali_jax import input_pipeline
 from hali_jax import models
@@ -46,6 +47,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise UserError(f'config.semisup.{name}={config.semisup[name]!r} needs '
                         '--config.semisup.enabled=True (a semi-supervised config, e.g. '
                         'configs/mnist_semisup.py).')
+  for name in ('cycle_weight', 'latent_cycle_weight'):
+    if config.model[name] and config.method != 'hali':
+      raise UserError(f'config.model.{name}={config.model[name]} adds a cost to HALI\'s '
+                      f'generator; config.method={config.method!r} has none: set '
+                      f'--config.model.{name}=0 or --config.method=hali.')
   if not config.semisup.adversarial and not config.semisup.weight:
     raise UserError('config.semisup.adversarial=False trains on eq. 10 alone, which '
                     'config.semisup.weight=0 turns off: set a positive weight.')
@@ -122,9 +128,13 @@ def make_train_step(config: ml_collections.ConfigDict, model: models.HALI, mesh,
     return vae.make_sharded_vae_step(model, tx_g, mesh, config.vae.x_std, config.quick_compile,
                                      config.optim.ema_decay)
   head = classifier(config, model)
-  term = None if head is None else semisup.make_generator_term(
+  terms = [] if head is None else [semisup.make_generator_term(
       model, head, semisup.load_labelled(config) if labelled is None else labelled,
-      config.semisup)
+      config.semisup)]
+  if config.model.cycle_weight or config.model.latent_cycle_weight:
+    terms.append(cycle.make_generator_term(model, config.model.cycle_weight,
+                                           config.model.latent_cycle_weight))
+  term = step_lib.sum_of_terms(terms)
   if not trains_discriminator(config):
     return step_lib.jit_step(functools.partial(
         semisup.supervised_step, model=model, tx_g=tx_g, generator_term=term,

@@ -355,7 +355,7 @@ class HALI(nn.Module):
     instance = self.instance_noise_std * jnp.maximum(0.0, 1.0 - step / self.instance_noise_steps)
     return jnp.sqrt(self.input_noise_std ** 2 + instance ** 2)
 
-  def _noisy(self, v, key, std=None):
+  def noisy(self, v, key, std=None):
     std = self.input_noise_std if std is None else std
     return v + std * ops.standard_normal(key, v.shape, v.dtype)
 
@@ -376,23 +376,29 @@ class HALI(nn.Module):
     L = self.arch.num_levels
     enc_keys = [keys[f'encoder_{l}'] for l in range(1, L + 1)]
     dec_keys = [keys[f'decoder_{l}'] for l in range(1, L)]
-    q_levels = self.encoder(self._noisy(x, keys['encoder_noise']), enc_keys, train=train)
+    q_levels = self.encoder(self.noisy(x, keys['encoder_noise']), enc_keys, train=train)
     q_joint = [x] + [g.z for g in q_levels]
     z_top = ops.standard_normal(keys['prior'], (x.shape[0],) + self.arch.latent_shapes[-1], x.dtype)
     x_p, zs_p = self.decoder(z_top, dec_keys, train=train)
     p_joint = [x_p] + zs_p
 
-    # One discriminator pass over both joints (no batch norm in D, so batching them is exact);
-    # each of the 2 * (L + 1) inputs gets its own noise.
-    noise_keys = jax.random.split(keys['discriminator_noise'], L + 1)
-    d_std = self.discriminator_noise_std(step)
-    joint = [self._noisy(jnp.concatenate([q, p]), k, d_std)
-             for q, p, k in zip(q_joint, p_joint, noise_keys)]
-    logits, _ = self.discriminator(joint[0], joint[1:], train=train,
-                                   shared_backward=shared_backward)
+    # One discriminator pass over both joints (no batch norm in D, so batching them is exact).
+    logits, _ = self.discriminate([jnp.concatenate([q, p]) for q, p in zip(q_joint, p_joint)],
+                                  keys['discriminator_noise'], train=train, step=step,
+                                  shared_backward=shared_backward)
     logits_q, logits_p = jnp.split(logits, 2)
     return dict(logits_q=logits_q, logits_p=logits_p, q_joint=q_joint, p_joint=p_joint,
                 q_levels=q_levels)
+
+
+  def discriminate(self, joint: Sequence[jax.Array], key: jax.Array, *, train: bool, step=0,
+                   shared_backward: bool = False):
+    """D's (logits, embeddings) of joints [x, z_1, ..., z_L], each input with its own noise
+    from `key` (sec. 4's input noise, and any annealed instance noise at `step`)."""
+    noise_keys = jax.random.split(key, len(joint))
+    std = self.discriminator_noise_std(step)
+    x, *zs = [self.noisy(v, k, std) for v, k in zip(joint, noise_keys)]
+    return self.discriminator(x, zs, train=train, shared_backward=shared_backward)
 
 
 def create_model(model_config, image_shape: Sequence[int]) -> HALI:
@@ -400,7 +406,8 @@ def create_model(model_config, image_shape: Sequence[int]) -> HALI:
   arch = architectures.build_architecture(
       model_config.arch, model_config.num_levels, image_shape[-1], model_config.width,
       model_config.z_channels, model_config.z_dim, model_config.logvar_init,
-      model_config.dropout_rates, model_config.compute_dtype, model_config.mean_init)
+      model_config.dropout_rates, model_config.compute_dtype, model_config.mean_init,
+      model_config.disc_width)
   if tuple(image_shape) != arch.image_shape:
     names = sorted(architectures.ARCHITECTURES)
     raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'

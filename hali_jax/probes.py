@@ -194,7 +194,20 @@ def _discriminator_accuracy(model: models.HALI, variables, x, key, step):
   keys = models.split_keys(key, model.arch.num_levels)
   out, _ = model.apply(variables, x, keys, train=True, step=step,
                        rngs={'dropout': keys['dropout']}, mutable=['batch_stats'])
-  return jnp.mean(out['logits_q'] > 0), jnp.mean(out['logits_p'] < 0)
+  return (jnp.mean(out['logits_q'] > 0), jnp.mean(out['logits_p'] < 0),
+          _discriminator_pairing(model, variables, out['q_joint'], keys, step))
+
+
+def _discriminator_pairing(model: models.HALI, variables, q_joint, keys, step):
+  """How much more often D calls the encoder's joints (x_i, z(x_i)) the encoder's than the
+  same images with the next image's latents (x_i, z(x_{i+1})), with the same noise and dropout:
+  0 when D ignores the pairing, the correspondence that makes z a code of x; 1 at most."""
+  shuffled = [q_joint[0]] + [jnp.roll(z, 1, axis=0) for z in q_joint[1:]]
+  called_q = [jnp.mean(model.apply(variables, joint, keys['discriminator_noise'], train=True,
+                                   step=step, rngs={'dropout': keys['dropout']},
+                                   method=models.HALI.discriminate)[0] > 0)
+              for joint in (q_joint, shuffled)]
+  return called_q[0] - called_q[1]
 
 
 class Prober:
@@ -259,11 +272,11 @@ class Prober:
     variables = jax.device_get(variables)
     results = self._levels(variables)
     if self._with_discriminator:
-      accuracy_q, accuracy_p = self._map_discriminator(variables, step)
-      results.update(d_accuracy_q=accuracy_q, d_accuracy_p=accuracy_p)
+      accuracy_q, accuracy_p, pairing = self._map_discriminator(variables, step)
+      results.update(d_accuracy_q=accuracy_q, d_accuracy_p=accuracy_p, d_pairing=pairing)
     return results
 
-  def _map_discriminator(self, variables, step: int) -> tuple[float, float]:
+  def _map_discriminator(self, variables, step: int) -> tuple[float, float, float]:
     images = self._data.test_images
     size = self._config.batch_size
     accuracies = [self._d_accuracy(variables, images[start:start + size],
@@ -271,8 +284,7 @@ class Prober:
                   for start in range(0, len(images) - size + 1, size)]
     if not accuracies:  # Fewer test images than a batch: one batch of them all.
       accuracies = [self._d_accuracy(variables, images, self._d_key, step)]
-    q, p = np.mean(np.asarray(accuracies), axis=0)
-    return float(q), float(p)
+    return tuple(float(a) for a in np.mean(np.asarray(accuracies), axis=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,5 +308,6 @@ def summary_line(step: int, results: Mapping[str, float], baselines: Mapping[str
       + f' (mean image {baselines["reconstruction/mean_image"]:.2f}, random pairs '
       f'{baselines["reconstruction/random_pairs"]:.2f})')
   if 'd_accuracy_q' in results:
-    parts.append(f'D accuracy q {results["d_accuracy_q"]:.2f} p {results["d_accuracy_p"]:.2f}')
+    parts.append(f'D accuracy q {results["d_accuracy_q"]:.2f} p {results["d_accuracy_p"]:.2f}'
+                 + (f' pairing {results["d_pairing"]:+.2f}' if 'd_pairing' in results else ''))
   return '  '.join(parts)

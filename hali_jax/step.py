@@ -181,6 +181,20 @@ def create_train_state(model, image_shape, tx_g, tx_d, seed: int, mesh) -> Train
 GeneratorTerm = Callable[[dict, TrainState, dict, jax.Array], tuple[jax.Array, dict]]
 
 
+def sum_of_terms(terms: list[GeneratorTerm]) -> GeneratorTerm | None:
+  """One generator_term adding `terms`' costs and merging their metrics; None for no term.
+  A single term is returned as it is (its key stream unchanged); several get a key each."""
+  if len(terms) <= 1:
+    return terms[0] if terms else None
+
+  def generator_term(g_params, state, batch, key):
+    results = [term(g_params, state, batch, k)
+               for term, k in zip(terms, jax.random.split(key, len(terms)))]
+    return sum(cost for cost, _ in results), {k: v for _, m in results for k, v in m.items()}
+
+  return generator_term
+
+
 def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
                update: str = 'simultaneous', generator_term: GeneratorTerm | None = None,
                ema_decay: float = 0.0) -> tuple[TrainState, dict]:

@@ -31,7 +31,7 @@ from tests.test_train import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ('reconstructions', 'samples', 'reconstruction_error', 'inpainting', 'innovation',
-           'traversals', 'interpolation')
+           'traversals', 'interpolation', 'discriminator_cues')
 MOCK_EXAMPLES = 20
 NUM_EXAMPLES = 4
 
@@ -109,6 +109,13 @@ def test_every_script_writes_its_files(workdir, tmp_path):
   with open(tmp_path / 'inpainting.csv') as f:
     fills = [r['fill'] for r in csv.DictReader(f)]
   assert fills == ['empty hole (0)', 'after level 2', 'after level 1']
+
+  with open(tmp_path / 'discriminator_cues.csv') as f:
+    cues = list(csv.DictReader(f))
+  assert [r['joint'] for r in cues] == [
+      'encoder (x, z(x))', 'decoder (x_p, z_p)', "shuffled (x, z(x'))",
+      'real x, decoder latents (x, z_p)', 'decoder x, encoder latents (x_p, z(x))']
+  assert all(r['step'] == '4' and 0 < float(r['D(encoder)']) < 1 for r in cues)
 
 
 def test_bad_flags_are_user_errors(workdir, tmp_path):

@@ -185,8 +185,26 @@ def test_dropout_rates_table_or_text():
   assert [dataclasses.replace(l, dropout=0) for l in d_layers(text)] == [
       dataclasses.replace(l, dropout=0) for l in d_layers(table)]
   assert text.encoder == table.encoder and text.decoder == table.decoder
+  # 'light' (not the paper's): 0.2 wherever the table drops, nothing else changed.
+  light = architectures.build_architecture('128', 2, 3, dropout_rates='light')
+  assert [l.dropout for l in d_layers(light)] == [0.2 if l.dropout else 0 for l in d_layers(table)]
+  assert [dataclasses.replace(l, dropout=0) for l in d_layers(light)] == [
+      dataclasses.replace(l, dropout=0) for l in d_layers(table)]
   with pytest.raises(UserError, match='dropout_rates'):
     architectures.build_architecture('128', 2, 3, dropout_rates='paper')
+
+
+@pytest.mark.parametrize('arch', ['32', '28-lean', 'mlp'])
+def test_disc_width_sets_the_discriminators_widths_alone(arch):
+  channels = 1 if arch != '32' else 3
+  build = lambda **kw: architectures.build_architecture(arch, 2, channels, **kw)
+  features = lambda nets: [l.features for net in nets for l in net if isinstance(l, Conv)]
+  disc = lambda a: a.disc_stages + a.disc_z_paths + (a.disc_joint,)
+  narrow, wide_d, full = build(width=0.125), build(width=0.125, disc_width=0.5), build()
+  assert build(width=0.125, disc_width=0.125) == narrow  # None means model.width.
+  assert wide_d.encoder == narrow.encoder and wide_d.decoder == narrow.decoder
+  assert features(disc(wide_d)) == [max(1, round(f / 2)) for f in features(disc(full))]
+  assert wide_d.disc_logit == full.disc_logit
 
 
 def test_lean_mnist_keeps_the_papers_ingredients():
@@ -214,8 +232,8 @@ def test_depth_and_size_errors():
     architectures.build_architecture('28', 2, 1, mean_init='he')
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
                               logvar_init=0.0, dropout_rates='table', compute_dtype='float32',
-                              mean_init='default', leaky_slope=0.2, input_noise_std=0.2,
-                              dropout=True))
+                              mean_init='default', disc_width=None, leaky_slope=0.2,
+                              input_noise_std=0.2, dropout=True))
   with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
     models.create_model(config, (28, 28, 1))
 

@@ -2,11 +2,15 @@
 training loop (baselines once per run, a record per evaluation, resumed without duplicates) is
 checked by tests/test_train.py's runs."""
 
+import jax
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
+from hali_jax import default_config
+from hali_jax import models
 from hali_jax import probes
+from hali_jax import step as step_lib
 
 
 def test_logistic_regression_separates_a_separable_set():
@@ -93,8 +97,28 @@ def test_the_summary_line_sets_the_top_level_beside_its_baselines():
                'nn/init_level_2': 0.85, 'reconstruction/mean_image': 14.5,
                'reconstruction/random_pairs': 20.5}
   results = {'logistic/level_2': 0.93, 'nn/level_2': 0.96, 'reconstruction/level_1': 5.0,
-             'reconstruction/level_2': 9.25, 'd_accuracy_q': 0.6, 'd_accuracy_p': 0.7}
+             'reconstruction/level_2': 9.25, 'd_accuracy_q': 0.6, 'd_accuracy_p': 0.7,
+             'd_pairing': -0.04}
   line = probes.summary_line(7, results, baselines, num_levels=2)
   assert line == ('step 7 probes:  logistic z2 93.0% (pixels 90.0%, untrained 80.0%)  '
                   '1-NN z2 96.0% (pixels 95.0%, untrained 85.0%)  reconstruction x1 5.00 '
-                  'x2 9.25 (mean image 14.50, random pairs 20.50)  D accuracy q 0.60 p 0.70')
+                  'x2 9.25 (mean image 14.50, random pairs 20.50)  D accuracy q 0.60 p 0.70 '
+                  'pairing -0.04')
+
+
+def test_discriminator_pairing_is_zero_where_the_latents_cannot_tell_images_apart():
+  c = default_config.get_default_config()
+  c.model.update(arch='28', width=0.0625, z_channels=4, z_dim=8)
+  model = models.create_model(c.model, (28, 28, 1))
+  state = step_lib.init_state(model, (28, 28, 1), *step_lib.make_optimizers(c), seed=0)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  # Every Gaussian kernel at its mean: an image's latents are a function of the image.
+  for level in variables['params']['encoder'].values():
+    level['gaussian']['logvar']['bias'] = level['gaussian']['logvar']['bias'] - 1e4
+  pairing = lambda x: float(jax.jit(probes._discriminator_accuracy, static_argnums=0)(
+      model, variables, x, jax.random.key(0), 0)[2])
+  images = np.random.default_rng(0).uniform(-1, 1, (64, 28, 28, 1)).astype(np.float32)
+  # One image 64 times: the next image's latents are its own, D's inputs unchanged.
+  assert pairing(np.repeat(images[:1], 64, axis=0)) == 0.0
+  # 64 images: another image's latents change what D (here untrained) says about some pairs.
+  assert pairing(images) != 0.0
