@@ -168,12 +168,11 @@ def _kl_from_logits(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
 
 
-def virtual_adversarial_loss(logits_fn, x: jax.Array, clean_logits: jax.Array, key: jax.Array,
-                             epsilon: float, xi: float = 1e-3) -> jax.Array:
+def virtual_adversarial_loss(logits_fn, x: jax.Array, key: jax.Array, epsilon: float,
+                             xi: float = 1e-3) -> jax.Array:
   """VAT's smoothness cost (Miyato et al. 2018, eq. 8-13), one power iteration.
 
-  KL(p(y | x) || p(y | x + r_adv)), with p(y | x) = softmax(clean_logits), logits_fn(x) as the
-  caller already has it, held fixed (stop_gradient), and r_adv of L2
+  KL(p(y | x) || p(y | x + r_adv)), with p(y | x) held fixed (stop_gradient) and r_adv of L2
   norm `epsilon` per example along the direction that moves p(y | x) most: the gradient of the
   KL at x + xi * d, d a random unit vector (the power method on the KL's Hessian). xi: small
   against epsilon, large enough for float32: on the `mlp` encoder at init, the paper's 1e-6
@@ -185,7 +184,7 @@ def virtual_adversarial_loss(logits_fn, x: jax.Array, clean_logits: jax.Array, k
     flat = v.reshape(v.shape[0], -1)
     return (flat / (jnp.linalg.norm(flat, axis=1, keepdims=True) + 1e-12)).reshape(v.shape)
 
-  clean = jax.lax.stop_gradient(clean_logits)
+  clean = jax.lax.stop_gradient(logits_fn(x))
   d = unit(ops.standard_normal(key, x.shape, x.dtype))
   grad = jax.grad(lambda r: _kl_from_logits(clean, logits_fn(x + r)))(xi * d)
   r_adv = epsilon * unit(jax.lax.stop_gradient(grad))
@@ -220,10 +219,7 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
   normalize with their own statistics, as the adversarial pass does (a fresh batch each step,
   nothing to memorise); on the running averages, HALI with VAT, entropy minimisation and class
   balance turned NaN at step ~572 (experiments/RESULTS.md). Every pass's statistics updates are
-  dropped. The unlabelled terms read the batch's z from Algorithm 1's pass (batch['latents'],
-  `step.train_step`): the clean logits of entropy minimisation, class balance and VAT are one
-  classifier pass on them, whose gradient flows back through that pass's encoder; VAT's
-  perturbed passes encode x + r with that pass's keys.
+  dropped.
   """
   images, labels = np.asarray(labelled['image']), np.asarray(labelled['label'])
   batch_size = settings.batch_size
@@ -232,15 +228,12 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
                     'number of labelled examples (labels_per_class * classes), or set '
                     '--config.semisup.with_replacement=True.')
 
-  def classify(g_params, zs, dropout_key):
+  def logits(g_params, state, x, noise_key, encoder_key, dropout_key, *, labelled=False):
+    zs, _ = _encode(model, g_params, state.batch_stats, x, noise_key,
+                    jax.random.split(encoder_key, classifier.level), to_level=classifier.level,
+                    batch_statistics=not labelled or settings.batch_norm == 'batch')
     return classifier.apply({'params': g_params[CLASSIFIER]}, zs, train=True,
                             rngs={'dropout': dropout_key})
-
-  def logits(g_params, state, x, noise_key, encoder_keys, dropout_key, *, labelled=False):
-    zs, _ = _encode(model, g_params, state.batch_stats, x, noise_key, encoder_keys,
-                    to_level=classifier.level,
-                    batch_statistics=not labelled or settings.batch_norm == 'batch')
-    return classify(g_params, zs, dropout_key)
 
   def generator_term(g_params, state: step.TrainState, batch, key):
     # The first three keys are those of eq. 10's term before the opt-in terms existed (JAX's
@@ -250,8 +243,7 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
     chosen = labelled_indices(choice_key, len(labels), batch_size, settings.with_replacement)
     y = jnp.asarray(labels)[chosen]
     labelled_logits = logits(g_params, state, jnp.asarray(images)[chosen], noise_key,
-                             jax.random.split(encoder_key, classifier.level), dropout_key,
-                             labelled=True)
+                             encoder_key, dropout_key, labelled=True)
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(labelled_logits, y))
     cost = settings.weight * loss
     metrics = dict(supervised_loss=loss,
@@ -259,13 +251,9 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
     if settings.weight_decay:
       kernel = g_params[CLASSIFIER]['Dense_0']['kernel']
       cost += 0.5 * settings.weight_decay * jnp.sum(kernel * kernel)
-    if not (settings.entropy_weight or settings.balance_weight or settings.vat_weight):
-      return cost, metrics
-    # One dropout mask for the clean logits and VAT's perturbed ones, so that its KL measures
-    # the perturbation alone.
-    clean = classify(g_params, batch['latents'], unlabelled_key)
     if settings.entropy_weight or settings.balance_weight:
-      log_p = jax.nn.log_softmax(clean)
+      log_p = jax.nn.log_softmax(logits(g_params, state, batch['image'],
+                                        *jax.random.split(unlabelled_key, 3)))
       if settings.entropy_weight:
         # Confident predictions on the unlabelled batch: the decision boundary kept off the data.
         entropy = -jnp.mean(jnp.sum(jnp.exp(log_p) * log_p, axis=-1))
@@ -276,13 +264,11 @@ def make_generator_term(model: models.HALI, classifier: Classifier, labelled: di
         cost += settings.balance_weight * balance
         metrics['class_balance_loss'] = balance
     if settings.vat_weight:
-      # Algorithm 1's draws of the input noise and z, as for the clean logits.
-      keys = step.step_keys(state, model.arch.num_levels)
-      encoder_keys = [keys[f'encoder_{l}'] for l in range(1, classifier.level + 1)]
-      vat = virtual_adversarial_loss(
-          lambda x: logits(g_params, state, x, keys['encoder_noise'], encoder_keys,
-                           unlabelled_key),
-          batch['image'], clean, vat_key, settings.vat_epsilon)
+      # One draw of the input noise, z and dropout for all three passes, so that the KL
+      # measures the perturbation alone.
+      direction_key, *pass_keys = jax.random.split(vat_key, 4)
+      vat = virtual_adversarial_loss(lambda x: logits(g_params, state, x, *pass_keys),
+                                     batch['image'], direction_key, settings.vat_epsilon)
       cost += settings.vat_weight * vat
       metrics['virtual_adversarial_loss'] = vat
     return cost, metrics
@@ -299,22 +285,17 @@ def supervised_step(state: step.TrainState, batch: dict, *, model: models.HALI, 
   The same keys as `step.train_step`'s, so the labelled draws and their noise match a HALI run of
   the same seed. The unlabelled batch still moves the encoder's batch-norm running averages,
   through a pass on x + sigma * eps as the adversarial one, so that evaluation normalizes as it
-  would in HALI; the term reads that pass's z as `train_step`'s reads its pass's.
+  would in HALI.
   """
-  keys = step.step_keys(state, model.arch.num_levels)
+  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
   g_params, d_params = step.split_params(state.params)
-
-  def cost(g_params):
-    latents, encoder_stats = _encode(
-        model, g_params, state.batch_stats, batch['image'], keys['encoder_noise'],
-        [keys[f'encoder_{l}'] for l in range(1, model.arch.num_levels + 1)],
-        to_level=model.arch.num_levels)
-    loss, metrics = generator_term(g_params, state, {**batch, 'latents': latents},
-                                   keys['generator_term'])
-    return loss, (metrics, encoder_stats)
-
-  (loss, (metrics, encoder_stats)), grads = jax.value_and_grad(cost, has_aux=True)(g_params)
+  (loss, metrics), grads = jax.value_and_grad(generator_term, has_aux=True)(
+      g_params, state, batch, keys['generator_term'])
   updates, opt_state_g = tx_g.update(grads, state.opt_state_g, g_params)
+  _, encoder_stats = _encode(
+      model, g_params, state.batch_stats, batch['image'], keys['encoder_noise'],
+      [keys[f'encoder_{l}'] for l in range(1, model.arch.num_levels + 1)],
+      to_level=model.arch.num_levels)
   metrics = dict(loss_g=loss, **metrics,
                  **{f'grad_norm_{k}': optax.tree.norm(v) for k, v in grads.items()})
   new_state = state.replace(

@@ -181,11 +181,6 @@ def create_train_state(model, image_shape, tx_g, tx_d, seed: int, mesh) -> Train
 GeneratorTerm = Callable[[dict, TrainState, dict, jax.Array], tuple[jax.Array, dict]]
 
 
-def step_keys(state: TrainState, num_levels: int) -> dict[str, jax.Array]:
-  """The keys of the step at state.step, one per purpose (`models.split_keys`)."""
-  return models.split_keys(jax.random.fold_in(state.rng, state.step), num_levels)
-
-
 def sum_of_terms(terms: list[GeneratorTerm]) -> GeneratorTerm | None:
   """One generator_term adding `terms`' costs and merging their metrics; None for no term.
   A single term is returned as it is (its key stream unchanged); several get a key each."""
@@ -212,31 +207,21 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   the same samples (same keys).
   `generator_term(g_params, state, batch, key) -> (loss, metrics)`, if given, is added to the
   generator's cost (e.g. the supervised cost of semi-supervised HALI, eq. 10); its metrics are
-  reported as they are. It runs inside the pass that encodes the batch and sees it as
-  {**batch, 'latents': the pass's [z_1, ..., z_L] of batch['image']} (noisy input, batch
-  statistics, keys encoder_noise and encoder_l of `step_keys`): a term that reads them gets its
-  gradient through the pass's own backward, with no second encoding of the batch.
-  `ema_decay`: of the generator side's moving averages (`update_ema`).
+  reported as they are. `ema_decay`: of the generator side's moving averages (`update_ema`).
   """
-  keys = step_keys(state, model.arch.num_levels)
+  keys = models.split_keys(jax.random.fold_in(state.rng, state.step), model.arch.num_levels)
   g_params, d_params = split_params(state.params)
   probes = (models.WEIGHT_PROBES, models.INPUT_PROBES)
 
-  def forward(g_params, d_params, shared_backward=False, with_term=True):
-    """(((logits_q, logits_p), the term's cost), D's probes if shared_backward),
-    (batch statistics, the term's metrics)."""
+  def forward(g_params, d_params, shared_backward=False):
     variables = {'params': {**g_params, DISCRIMINATOR: d_params}, 'batch_stats': state.batch_stats}
     out, updates = model.apply(variables, batch['image'], keys, train=True, step=state.step,
                                rngs={'dropout': keys['dropout']}, shared_backward=shared_backward,
                                mutable=['batch_stats', *(probes if shared_backward else ())])
-    term, term_metrics = jnp.zeros(()), {}
-    if generator_term is not None and with_term:
-      term, term_metrics = generator_term(g_params, state, {**batch, 'latents': out['q_joint'][1:]},
-                                          keys['generator_term'])
-    outputs = ((out['logits_q'], out['logits_p']), term)
+    logits = (out['logits_q'], out['logits_p'])
     if shared_backward:
-      outputs = (outputs, {name: updates[name] for name in probes})
-    return outputs, (updates['batch_stats'], term_metrics)
+      return (logits, {name: updates[name] for name in probes}), updates['batch_stats']
+    return logits, updates['batch_stats']
 
   loss_d_fn = lambda logits: losses.discriminator_loss(*logits)
   loss_g_fn = lambda logits: losses.generator_loss(*logits)
@@ -248,30 +233,34 @@ def train_step(state: TrainState, batch: dict, *, model: nn.Module, tx_g, tx_d,
   if update == 'simultaneous':
     # One forward pass and one backward pass for both losses (models.Discriminator): unit
     # cotangents at the logits, each loss's derivative per example at the probes.
-    ((logits, term), sown), pullback, (batch_stats, term_metrics) = jax.vjp(
+    (logits, sown), pullback, batch_stats = jax.vjp(
         functools.partial(forward, shared_backward=True), g_params, d_params, has_aux=True)
     loss_d, dlogits_d = jax.value_and_grad(loss_d_fn)(logits)
     loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits)
     per_example = {models.WEIGHT_PROBES: jnp.concatenate(dlogits_d),
                    models.INPUT_PROBES: jnp.concatenate(dlogits_g)}
-    grads_g, grads_d = pullback(((jax.tree.map(jnp.ones_like, logits), jnp.ones_like(term)),
+    grads_g, grads_d = pullback((jax.tree.map(jnp.ones_like, logits),
                                  {name: jax.tree.map(lambda _: per_example[name], sown[name])
                                   for name in probes}))
     new_d_params, opt_state_d = step_d(grads_d)
   elif update == 'sequential':
     # D steps first; G's gradient is then taken through the updated D on the same samples.
-    (logits, _), pullback, _ = jax.vjp(functools.partial(forward, with_term=False), g_params,
-                                       d_params, has_aux=True)
+    logits, pullback, batch_stats = jax.vjp(forward, g_params, d_params, has_aux=True)
     loss_d, dlogits_d = jax.value_and_grad(loss_d_fn)(logits)
-    _, grads_d = pullback((dlogits_d, jnp.zeros(())))
+    _, grads_d = pullback(dlogits_d)
     new_d_params, opt_state_d = step_d(grads_d)
-    (logits_g, term), pullback, (batch_stats, term_metrics) = jax.vjp(
-        lambda g: forward(g, new_d_params), g_params, has_aux=True)
+    logits_g, pullback, batch_stats = jax.vjp(lambda g: forward(g, new_d_params), g_params,
+                                              has_aux=True)
     loss_g, dlogits_g = jax.value_and_grad(loss_g_fn)(logits_g)
-    grads_g, = pullback((dlogits_g, jnp.ones_like(term)))
+    grads_g, = pullback(dlogits_g)
   else:
     raise UserError(f"config.optim.update_order must be 'simultaneous' or 'sequential', got {update!r}.")
-  loss_g = loss_g + term
+  term_metrics = {}
+  if generator_term is not None:
+    (term, term_metrics), grads_term = jax.value_and_grad(generator_term, has_aux=True)(
+        g_params, state, batch, keys['generator_term'])
+    grads_g = jax.tree.map(jnp.add, grads_g, grads_term)
+    loss_g = loss_g + term
   updates_g, opt_state_g = tx_g.update(grads_g, state.opt_state_g, g_params)
   new_g_params = optax.apply_updates(g_params, updates_g)
 
