@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 import common
+from hali_jax import analysis
 from hali_jax import models
 from hali_jax import ops
 
@@ -30,8 +31,7 @@ def cues(model: models.HALI, variables, x, key, step) -> jax.Array:
   """D's mean probability of the encoder's side on each of JOINTS, [len(JOINTS)]."""
   encoder_key, prior_key, decoder_key, noise_key = jax.random.split(key, 4)
   L = model.arch.num_levels
-  z_q = [g.z for g in model.apply(variables, x, list(jax.random.split(encoder_key, L)),
-                                  method=lambda m, x, k: m.encoder(x, k, train=False))]
+  z_q = analysis.encode(model, variables, x, encoder_key)
   z_top = ops.standard_normal(prior_key, (len(x),) + model.arch.latent_shapes[-1])
   x_p, z_p = model.apply(variables, z_top, list(jax.random.split(decoder_key, max(L - 1, 1))),
                          method=lambda m, z, k: m.decoder(z, k, train=False))
