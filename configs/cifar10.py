@@ -3,12 +3,13 @@
 The paper gives no batch size or length: global batch 100 (ALI's) and 100k steps (200 epochs
 of the 50k training images) are our choice.
 
-Every convolutional config's recipe (configs/__init__.py: convolutional_recipe).
+Every convolutional config's recipe (configs/__init__.py: convolutional_recipe), chosen on this
+config's `cpu` option.
 
 Option `cpu`: the same networks (Table 4's '32' pattern, the same code path, the same latents)
 at width 0.125, for watching the paper's networks train on a laptop before renting
-accelerators; probes every 1000 steps. Its runs: experiments/RESULTS.md, "The convolutional
-networks on CIFAR-10".
+accelerators (1.8-2.3 steps/s on a 2-core CPU); probes every 1000 steps. Its runs:
+experiments/RESULTS.md, "The convolutional networks on CIFAR-10" (C16-C18 chose the recipe).
 """
 
 from configs import apply_options, base_config, convolutional_recipe, parse_options

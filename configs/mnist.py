@@ -9,7 +9,7 @@ whose means start at the prior's scale (model.mean_init 'unit') with log-varianc
   lean    the '28-lean' convolutional architecture (z_1 4x14x14, z_2 64), the former default;
   table4  the '28' architecture, Table 4's pattern at half width, z_1 16x14x14.
 Both take the convolutional configs' recipe (configs/__init__.py: convolutional_recipe, the
-mean heads initialised on the data) and Adam at 1e-4.
+mean heads initialised on the data, D's dropout at 0.2) and Adam at 1e-4.
 Global batch 100 (ALI's); 50k steps is ~83 epochs of the 60k training images.
 """
 

@@ -6,9 +6,11 @@ exchanged, for a trained run.
 D's mean probability of "the encoder's joint" (no dropout; its input noise at that step) on:
   the encoder's joints (x, z(x)) of held-out images, and the decoder's (x_p, z_p);
   (x, z(x')): the same images, each with the next image's latents;
-  (x, z_p): the real images with the decoder's latents; (x_p, z(x)): the reverse.
+  (x, z_p): the real images with the decoder's latents; (x_p, z(x)): the reverse;
+  for each level l, the encoder's joints with the decoder's z_l in place of z_l(x).
 A D that reads whether z belongs to x calls the shuffled joints the decoder's; one that follows
-(x, z_p) to the decoder's side and (x_p, z(x)) to the encoder's reads the latents and not x.
+(x, z_p) to the decoder's side and (x_p, z(x)) to the encoder's reads the latents and not x; the
+level whose exchange moves the verdict most is the one it reads.
 Writes discriminator_cues.csv and .md (one row per joint).
 """
 
@@ -27,8 +29,13 @@ JOINTS = ('encoder (x, z(x))', 'decoder (x_p, z_p)', "shuffled (x, z(x'))",
           'real x, decoder latents (x, z_p)', 'decoder x, encoder latents (x_p, z(x))')
 
 
+def joint_names(num_levels: int) -> tuple[str, ...]:
+  """The rows of the table: JOINTS, then one exchange of a single level each."""
+  return JOINTS + tuple(f'encoder, z_{l} from the decoder' for l in range(1, num_levels + 1))
+
+
 def cues(model: models.HALI, variables, x, key, step) -> jax.Array:
-  """D's mean probability of the encoder's side on each of JOINTS, [len(JOINTS)]."""
+  """D's mean probability of the encoder's side on each of joint_names(L), [len(...)]."""
   encoder_key, prior_key, decoder_key, noise_key = jax.random.split(key, 4)
   L = model.arch.num_levels
   z_q = analysis.encode(model, variables, x, encoder_key)
@@ -36,7 +43,7 @@ def cues(model: models.HALI, variables, x, key, step) -> jax.Array:
   x_p, z_p = model.apply(variables, z_top, list(jax.random.split(decoder_key, max(L - 1, 1))),
                          method=lambda m, z, k: m.decoder(z, k, train=False))
   joints = ([x, *z_q], [x_p, *z_p], [x, *[jnp.roll(z, 1, axis=0) for z in z_q]], [x, *z_p],
-            [x_p, *z_q])
+            [x_p, *z_q]) + tuple([x, *z_q[:l], z_p[l], *z_q[l + 1:]] for l in range(L))
   return jnp.stack([jnp.mean(jax.nn.sigmoid(model.apply(
       variables, joint, noise_key, train=False, step=step,
       method=models.HALI.discriminate)[0])) for joint in joints])
@@ -50,7 +57,8 @@ def main(argv):
       restored.variables, x, jax.random.PRNGKey(common.FLAGS.seed), restored.step)
   common.save_table('discriminator_cues', [
       {'step': restored.step, 'joint': name, 'D(encoder)': float(p)}
-      for name, p in zip(JOINTS, probabilities)], decimals=3)
+      for name, p in zip(joint_names(restored.model.arch.num_levels), probabilities)],
+      decimals=3)
 
 
 if __name__ == '__main__':

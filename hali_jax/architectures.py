@@ -228,7 +228,7 @@ def _convolutional_architecture(arch: str, w, wd, num_levels: int, image_channel
   if len(down_x) - 1 not in (1, 2):
     raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
   family = _lean_stages if arch == '28-lean' else _table_4_stages
-  stages = family(w, wd, x_side, down_x, image_channels)
+  stages = family(w, wd, x_side, down_x, image_channels, z_channels, z_dim)
   return _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides, z_channels,
                    z_dim)
 
@@ -289,10 +289,17 @@ def _mlp_architecture(w, wd, num_levels: int, image_shape: tuple[int, int, int],
       disc_logit=dense(1, act='linear', dropout=0.2))
 
 
-def _table_4_stages(w, wd, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
-  """Table 4's networks, for any image side with 1 or 2 halvings to z_1."""
+def _table_4_stages(w, wd, x_side: int, down_x: list[int], image_channels: int, z_channels: int,
+                    z_dim: int) -> _Stages:
+  """Table 4's networks, for any image side with 1 or 2 halvings to z_1.
+
+  The layer ahead of each Gaussian layer is at least as wide as its latent, which Table 4's
+  widths are: narrower (configs/cifar10.py:cpu's 16 channels for z_1's 64), the latent means
+  would lie in a subspace of their own on each side, a cue by which D told the encoder's z_1
+  from the decoder's (experiments/RESULTS.md, "what D reads").
+  """
   def lrelu_conv_before_gaussian():  # Table 4: "Convolution 3x3 1x1 128" ahead of each Gaussian layer.
-    return Conv(w(128))
+    return Conv(max(w(128), z_channels))
 
   # Encoder, x -> features at z_1's side (Table 4, Gz1(x)).
   s2 = 2 if len(down_x) == 3 else 1
@@ -307,7 +314,7 @@ def _table_4_stages(w, wd, x_side: int, down_x: list[int], image_channels: int) 
   def enc_to_vector(side):
     return tuple(Conv(w(c), stride=2, norm='bn') for c in vector_path_widths(side)) + (
         Res(w(512)), Conv(w(512), kernel=4, norm='bn', padding='VALID'),
-        Conv(w(512), kernel=1, act='linear'))
+        Conv(max(w(512), z_dim), kernel=1, act='linear'))
 
   # Encoder, spatial level at side s -> side s/2 (depth >= 3).
   def enc_down(side):
@@ -362,9 +369,10 @@ def _table_4_stages(w, wd, x_side: int, down_x: list[int], image_channels: int) 
       disc_logit=Conv(1, kernel=1, act='linear', dropout=0.5))
 
 
-def _lean_stages(w, wd, x_side: int, down_x: list[int], image_channels: int) -> _Stages:
+def _lean_stages(w, wd, x_side: int, down_x: list[int], image_channels: int, z_channels: int,
+                 z_dim: int) -> _Stages:
   """'28-lean': one convolution per stage, the widths halving towards the image."""
-  del down_x  # One halving, 28 -> 14.
+  del down_x, z_channels, z_dim  # One halving, 28 -> 14; its widths are the designed ones.
 
   def halvings(side):  # Stride-2 stages from `side` to the 4x4 grid: 14 -> 7 -> 4.
     return len(_halving_sides(side, 4)) - 1

@@ -87,6 +87,7 @@ CONVOLUTIONAL = [('cifar10', None), ('cifar10', 'cpu'), ('svhn', 'cpu'), ('celeb
 def test_convolutional_configs_take_the_recipe(name, arg):
   config = get_config(name, arg)
   assert config.model.arch != 'mlp' and config.model.mean_init == 'data'
+  assert config.model.dropout_rates == 'light'
   train.validate_config(config)
 
 

@@ -114,7 +114,8 @@ def test_every_script_writes_its_files(workdir, tmp_path):
     cues = list(csv.DictReader(f))
   assert [r['joint'] for r in cues] == [
       'encoder (x, z(x))', 'decoder (x_p, z_p)', "shuffled (x, z(x'))",
-      'real x, decoder latents (x, z_p)', 'decoder x, encoder latents (x_p, z(x))']
+      'real x, decoder latents (x, z_p)', 'decoder x, encoder latents (x_p, z(x))',
+      'encoder, z_1 from the decoder', 'encoder, z_2 from the decoder']
   assert all(r['step'] == '4' and 0 < float(r['D(encoder)']) < 1 for r in cues)
 
 

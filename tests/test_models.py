@@ -133,6 +133,16 @@ def test_width_scales_hidden_layers_only():
   assert a.latent_shapes == ((16, 16, 8), (16,))
 
 
+def test_gaussian_layers_are_never_narrower_than_their_latents():
+  """Narrowed below its latent, a Gaussian layer's means would lie in a subspace, a cue for D."""
+  last_width = lambda body: [l for l in body if isinstance(l, Conv)][-1].features
+  heads = lambda a: [last_width(b) for b in a.encoder] + [last_width(a.decoder[1])]
+  narrow = architectures.build_architecture('32', 2, 3, width=0.125, z_channels=64, z_dim=256)
+  assert heads(narrow) == [64, 256, 64]  # Table 4's 128, 512, 128 at width 0.125: 16, 64, 16.
+  full = architectures.build_architecture('32', 2, 3, z_channels=64, z_dim=256)
+  assert heads(full) == [128, 512, 128]  # Table 4's own widths are wider than the latents.
+
+
 EXPECTED_LATENTS = {  # arch -> (image side, z_1 side); the paper's sizes for 128/64/32.
     '128': (128, 32), '64': (64, 16), '32': (32, 16), '28': (28, 14), '28-lean': (28, 14),
     'mlp': (28, None)}  # Vectors at every level.
