@@ -8,7 +8,7 @@ config's `cpu` option.
 
 Option `cpu`: the same networks (Table 4's '32' pattern, the same code path, the same latents)
 at width 0.125, for watching the paper's networks train on a laptop before renting
-accelerators (1.8-2.3 steps/s on a 2-core CPU); probes every 1000 steps. Its runs:
+accelerators (about 2.5 steps/s on a 2-core CPU); probes every 1000 steps. Its runs:
 experiments/RESULTS.md, "The convolutional networks on CIFAR-10" (C16-C18 chose the recipe).
 """
 
