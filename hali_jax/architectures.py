@@ -228,7 +228,9 @@ def _convolutional_architecture(arch: str, w, wd, num_levels: int, image_channel
   if len(down_x) - 1 not in (1, 2):
     raise UserError(f'arch {arch!r}: x side {x_side} to z_1 side {z1_side} needs 1 or 2 halvings.')
   family = _lean_stages if arch == '28-lean' else _table_4_stages
-  stages = family(w, wd, x_side, down_x, image_channels, z_channels, z_dim)
+  # ALI composes the level-1 and level-2 stages: no Gaussian layer at z_1 for a floor to serve.
+  stages = family(w, wd, x_side, down_x, image_channels, z_channels if spatial_sides else 0,
+                  z_dim)
   return _assemble(stages, (x_side, x_side, image_channels), z1_side, spatial_sides, z_channels,
                    z_dim)
 

@@ -141,6 +141,12 @@ def test_gaussian_layers_are_never_narrower_than_their_latents():
   assert heads(narrow) == [64, 256, 64]  # Table 4's 128, 512, 128 at width 0.125: 16, 64, 16.
   full = architectures.build_architecture('32', 2, 3, z_channels=64, z_dim=256)
   assert heads(full) == [128, 512, 128]  # Table 4's own widths are wider than the latents.
+  # ALI composes the level-1 and level-2 kernels: the layer that preceded z_1's Gaussian layer
+  # now feeds a convolution, and keeps Table 4's width.
+  ali = architectures.build_architecture('32', 1, 3, width=0.125, z_channels=64, z_dim=256)
+  conv_widths = lambda body: [l.features for l in body if isinstance(l, Conv)]
+  assert conv_widths(ali.encoder[0]) == [4, 8, 16, 16, 32, 64, 64, 256]
+  assert conv_widths(ali.decoder[0]) == [512, 32, 16, 16, 8, 8, 4, 3]
 
 
 EXPECTED_LATENTS = {  # arch -> (image side, z_1 side); the paper's sizes for 128/64/32.
