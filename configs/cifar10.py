@@ -9,7 +9,8 @@ config's `cpu` option.
 Option `cpu`: the same networks (Table 4's '32' pattern, the same code path, the same latents)
 at width 0.125, for watching the paper's networks train on a laptop before renting
 accelerators (about 2.5 steps/s on a 2-core CPU); probes every 1000 steps. Its runs:
-experiments/RESULTS.md, "The convolutional networks on CIFAR-10" (C16-C18 chose the recipe).
+experiments/RESULTS.md, "The convolutional networks on CIFAR-10" (C16-C18 chose the recipe), and
+"The CIFAR-10 study" (2500 steps per model: not yet learning).
 """
 
 from configs import apply_options, base_config, convolutional_recipe, parse_options
