@@ -24,16 +24,23 @@ DIR/<model>_seed<k>. Every run counts, at every evaluation, its classifier's err
 a logistic regression refitted on the 100 labelled codes of each level (semisup.Diagnostics,
 DIR/<run>/test_errors.jsonl). Run the command again to resume. Writes DIR/summary.md: per run
 the final, best and last-third errors, the refits, the baselines (the untrained encoder's and raw
-pixels' refits) and the errors at every evaluation. A run that fails does not stop the study:
+pixels' refits) and the errors at every evaluation, and DIR/test_errors.png, the errors against
+the training step (test split and held-out training images; colour the model, line style the
+label seed; the paper's 73 for reference). A run that fails does not stop the study:
 the summary gives its error beside the runs that finished, the study then exits with status 2,
 and running it again resumes the failed run.
 """
 
+import itertools
 import os
 import sys
 
 from absl import flags
 from absl import logging
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
 import budgeted_runs
 import common
@@ -107,6 +114,34 @@ def summarise(name: str, baselines: dict, history: list[dict],
   return row, f'- {name}: {curve}'
 
 
+PAPER_ERRORS = 73  # Table 3: HALI's test errors on MNIST with 100 labels.
+
+
+def plot_curves(histories: dict[str, tuple[str, str, list[dict]]], path: str) -> None:
+  """The classifier's errors against the training step, per run (name -> (model, label seed,
+  evaluations)): on the eval split and on the held-out training images, log scale."""
+  figure, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+  colours = dict(zip(FLAGS.models, itertools.cycle(plt.rcParams['axes.prop_cycle'].by_key()[
+      'color'])))
+  styles = dict(zip(FLAGS.label_seeds, itertools.cycle(('-', '--', ':', '-.'))))
+  for ax, (key, title) in zip(axes, (('test_errors', 'test split'),
+                                     (f'{semisup.HELD_OUT}test_errors',
+                                      f'{FLAGS.held_out_examples} held-out training images'))):
+    for model, seed, history in histories.values():
+      points = [(h['step'], h[key]) for h in history if key in h]
+      if points:
+        ax.plot(*zip(*points), styles[seed], color=colours[model],
+                label=f'{model}, label seed {seed}')
+    ax.axhline(PAPER_ERRORS, color='black', linestyle='--', linewidth=0.8,
+               label=f'the paper (Table 3): {PAPER_ERRORS}')
+    ax.set(xlabel='training step', yscale='log', title=f"the classifier's errors, {title}")
+    ax.legend(fontsize=7)
+  axes[0].set_ylabel('misclassified images')
+  figure.tight_layout()
+  figure.savefig(path, dpi=80)
+  plt.close(figure)
+
+
 def main(argv):
   del argv
   unknown = set(FLAGS.models) - set(MODELS)
@@ -116,7 +151,7 @@ def main(argv):
   runs = {f'{m}_seed{s}': (m, s) for s in FLAGS.label_seeds for m in FLAGS.models}
   times = {name: train(m, s, os.path.join(out, name)) for name, (m, s) in runs.items()}
 
-  rows, curves, title = [], [], 'no run finished'
+  rows, curves, histories, title = [], [], {}, 'no run finished'
   for name in runs:
     minutes = times[name]['seconds'] / 60
     if times[name].get('error'):
@@ -124,8 +159,9 @@ def main(argv):
       continue
     records = writers.read_records(os.path.join(out, name), semisup.TEST_ERRORS_FILE)
     baselines = next(r for r in records if r['kind'] == 'baselines')
-    row, curve = summarise(name, baselines, [r for r in records if r['kind'] == 'test_errors'],
-                           minutes)
+    history = [r for r in records if r['kind'] == 'test_errors']
+    histories[name] = (*runs[name], history)
+    row, curve = summarise(name, baselines, history, minutes)
     rows.append(row)
     curves.append(curve)
     config = checkpoint.load_config(os.path.join(out, name))  # The runs share these settings.
@@ -143,6 +179,9 @@ def main(argv):
   with open(summary, 'w') as f:
     f.write('\n'.join(lines))
   logging.info('Wrote %s', summary)
+  if histories:
+    plot_curves(histories, os.path.join(out, 'test_errors.png'))
+    logging.info('Wrote %s', os.path.join(out, 'test_errors.png'))
   print('\n'.join(lines))
   budgeted_runs.check_finished(times, summary)
 

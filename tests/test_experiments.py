@@ -457,6 +457,7 @@ def test_semisup_study_end_to_end(tmp_path):
   assert result.stderr.count('not training again') == 3, result.stderr[-5000:]
   summary = (out / 'summary.md').read_text()
   assert summary.startswith('# Semi-supervised MNIST, 1 labels per class: errors on test\n')
+  assert (out / 'test_errors.png').read_bytes().startswith(b'\x89PNG')
   for run in ('labels_only_seed0', 'hali_seed0', 'labels_only_seed1', 'hali_seed1'):
     records = writers.read_records(out / run, semisup.TEST_ERRORS_FILE)
     assert [(r['step'], r['kind']) for r in records] == [
