@@ -180,8 +180,9 @@ def main(argv):
     f.write('\n'.join(lines))
   logging.info('Wrote %s', summary)
   if histories:
-    plot_curves(histories, os.path.join(out, 'test_errors.png'))
-    logging.info('Wrote %s', os.path.join(out, 'test_errors.png'))
+    figure = os.path.join(out, 'test_errors.png')
+    plot_curves(histories, figure)
+    logging.info('Wrote %s', figure)
   print('\n'.join(lines))
   budgeted_runs.check_finished(times, summary)
 
