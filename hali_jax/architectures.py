@@ -156,7 +156,8 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
                        z_channels: int = 64, z_dim: int = 256, logvar_init: float = 0.0,
                        dropout_rates: str = 'table', compute_dtype: str = 'float32',
                        mean_init: str = 'default',
-                       disc_width: float | None = None) -> Architecture:
+                       disc_width: float | None = None,
+                       disc_z_paths: bool = False) -> Architecture:
   """Every network's layers for architecture `arch` at depth `num_levels`.
 
   With arch '128' and num_levels 2 this is appendix Table 4 row by row (tests/test_models.py checks
@@ -181,7 +182,9 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
   'mlp' (MNIST, our design) is not convolutional: ALI's and BiGAN's fully connected networks,
   every latent a vector, at any depth L >= 1 (`_mlp_architecture`).
   `width` multiplies every hidden width (not the latents, not the image channels);
-  `disc_width`, if given, the discriminator's instead (None: `width`).
+  `disc_width`, if given, the discriminator's instead (None: `width`). `disc_z_paths` (not the
+  paper's; the 'mlp' always has them): D reads each z_l through a path of its own before it meets
+  x's features, two weight-normalised 1x1 convolutions of wd(512) with the dropout of ALI's D(z).
   `z_channels`: the channels of each spatial latent z_1..z_{L-1}; for 'mlp', the size of each
   intermediate vector latent. `z_dim`: the size of the top latent z_L.
   `logvar_init` is the initial log-variance of every Gaussian layer. `dropout_rates`: the
@@ -206,6 +209,10 @@ def build_architecture(arch: str, num_levels: int, image_channels: int, width: f
   else:
     architecture = _convolutional_architecture(arch, w, wd, num_levels, image_channels,
                                                z_channels, z_dim)
+    if disc_z_paths:
+      z_path = (Conv(wd(512), kernel=1, norm='wn', dropout=0.2),
+                Conv(wd(512), kernel=1, norm='wn', dropout=0.5))
+      architecture = dataclasses.replace(architecture, disc_z_paths=(z_path,) * num_levels)
   if dropout_rates == 'text':
     architecture = _text_dropout(architecture)
   elif dropout_rates == 'light':

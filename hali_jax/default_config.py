@@ -44,6 +44,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # leaves the latents' sizes, so a D narrowed with them reads z_1's channels beside far fewer
   # of x's (configs/cifar10.py:cpu).
   c.model.disc_width = ml_collections.config_dict.placeholder(float)
+  # Opt-in, beyond Table 4 (whose D concatenates each z_l with x's features as it is): D reads
+  # each z_l through a path of its own first, two weight-normalised 1x1 convolutions of
+  # width(512), as ALI's and BiGAN's D(z) and the 'mlp''s D, which always has them.
+  c.model.disc_z_paths = False
   c.model.z_channels = 64  # Channels of each spatial latent z_1..z_{L-1}.
   c.model.z_dim = 256  # Size of the top latent z_L (a vector).
   # Initial log-variance of every Gaussian kernel (the bias of its log-variance head).
@@ -86,6 +90,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # 'sequential': the discriminator steps first; the generator then steps against the updated
   # discriminator on the same samples.
   c.optim.update_order = 'simultaneous'
+  # Both learning rates fall linearly to 0 over the last `decay_steps` of num_train_steps (as VAT
+  # decays Adam's, Miyato et al. 2018); 0: constant. The schedule reads Adam's own step count, so
+  # a run may be resumed under another schedule (a longer one, a decay added late).
+  c.optim.decay_steps = 0
   # Decay of the exponential moving average of the encoder's and decoder's parameters and batch
   # statistics (the classifier's too), which evaluation, the probes and checkpoint.restore use;
   # 0: off (they use the current values).
@@ -246,6 +254,7 @@ FIELD_RULES = {
     'model.width': _number(float, 0, low_open=True),
     'model.disc_width': ((lambda v: v is None or _number(float, 0, low_open=True)[0](v)),
                          'a number that is > 0, or None (model.width)'),
+    'model.disc_z_paths': _of_type(bool, 'True or False'),
     'model.z_channels': _POSITIVE_INT,
     'model.z_dim': _POSITIVE_INT,
     'model.logvar_init': _number(float),
@@ -265,6 +274,7 @@ FIELD_RULES = {
     'optim.b2': _number(float, 0, 1, high_open=True),
     'optim.update_order': _one_of('simultaneous', 'sequential'),
     'optim.ema_decay': _number(float, 0, 1, high_open=True),
+    'optim.decay_steps': _number(int, 0),
     'semisup.enabled': _of_type(bool, 'True or False'),
     'semisup.labels_per_class': _POSITIVE_INT,
     'semisup.label_seed': _number(int, 0),

@@ -270,7 +270,7 @@ class Discriminator(nn.Module):
   """D(x, z_1, ..., z_L) on the full joint, Table 4: one stack per level, concatenated stage by stage.
 
   Returns (logit, embedding): the embedding is the penultimate layer, the D-bar of eq. 8.
-  With `arch.disc_z_paths` ('mlp'), each z_l goes through a stack of its own before it is
+  With `arch.disc_z_paths` (the 'mlp', or model.disc_z_paths), each z_l goes through a stack of its own before it is
   concatenated.
 
   `shared_backward=True` prepares one backward pass to serve both of Algorithm 1's losses
@@ -301,7 +301,7 @@ class Discriminator(nn.Module):
     h = stack(self.arch.disc_stages[0], 'stage_0')(x)
     for l, z in enumerate(zs, start=1):
       z = _as_grid(z)
-      if self.arch.disc_z_paths:  # None in Table 4's archs: no modules, the same parameters.
+      if self.arch.disc_z_paths:  # Empty in Table 4's archs: no modules, the same parameters.
         z = stack(self.arch.disc_z_paths[l - 1], f'z_path_{l}')(z)
       h = jnp.concatenate([h, z], axis=-1)
       if l < len(zs):
@@ -407,7 +407,7 @@ def create_model(model_config, image_shape: Sequence[int]) -> HALI:
       model_config.arch, model_config.num_levels, image_shape[-1], model_config.width,
       model_config.z_channels, model_config.z_dim, model_config.logvar_init,
       model_config.dropout_rates, model_config.compute_dtype, model_config.mean_init,
-      model_config.disc_width)
+      model_config.disc_width, model_config.disc_z_paths)
   if tuple(image_shape) != arch.image_shape:
     names = sorted(architectures.ARCHITECTURES)
     raise UserError(f'model.arch {model_config.arch!r} takes {arch.image_shape[0]}x'

@@ -82,10 +82,29 @@ def split_params(params) -> tuple[dict, dict]:
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
-  """One Adam per side: ALI's lr 1e-4, b1 0.5, b2 0.999 by default."""
+  """One Adam per side: ALI's lr 1e-4, b1 0.5, b2 0.999 by default, with the linear decay of
+  config.optim.decay_steps."""
   o = config.optim
-  adam = lambda: optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
+  adam = lambda: linear_decay(optax.adam(o.learning_rate, b1=o.b1, b2=o.b2),
+                              config.num_train_steps, o.decay_steps)
   return adam(), adam()
+
+
+def linear_decay(adam: optax.GradientTransformation, num_steps: int,
+                 decay_steps: int) -> optax.GradientTransformation:
+  """`adam` with its learning rate falling linearly to 0 over the last `decay_steps` of
+  `num_steps`. Adam's update is proportional to its learning rate, so the schedule scales the
+  updates; it reads Adam's step count and adds no state, so checkpoints of either kind restore
+  into the other."""
+  if not decay_steps:
+    return adam
+
+  def update(updates, state, params=None):
+    factor = jnp.clip((num_steps - optax.tree.get(state, 'count')) / decay_steps, 0.0, 1.0)
+    updates, state = adam.update(updates, state, params)
+    return jax.tree.map(lambda u: factor * u, updates), state
+
+  return optax.GradientTransformation(adam.init, update)
 
 
 # Every purpose a run draws randomness for outside its steps gets its own key from the seed, so

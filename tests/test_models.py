@@ -223,6 +223,25 @@ def test_disc_width_sets_the_discriminators_widths_alone(arch):
   assert wide_d.disc_logit == full.disc_logit
 
 
+@pytest.mark.parametrize('num_levels', [1, 2, 3])
+def test_disc_z_paths_give_each_latent_a_path_of_its_own_in_d(num_levels):
+  """Opt-in: each z_l passes two weight-normalised 1x1 convolutions of wd(512) (ALI's D(z), with
+  its dropout 0.2 then 0.5) before it meets x's features; nothing else changes, and off it is
+  Table 4's D, which concatenates z_l as it is."""
+  build = lambda **kw: architectures.build_architecture('32', num_levels, 3, width=0.125,
+                                                        z_channels=8, z_dim=16, **kw)
+  table, own = build(), build(disc_z_paths=True)
+  assert table.disc_z_paths == ()
+  assert dataclasses.replace(own, disc_z_paths=()) == table
+  assert own.disc_z_paths == ((Conv(64, kernel=1, norm='wn', dropout=0.2),
+                               Conv(64, kernel=1, norm='wn', dropout=0.5)),) * num_levels
+  params = init_params(own)['params']['discriminator']
+  kernels = [(params[f'z_path_{l}']['Conv_0']['kernel'].shape,
+              params[f'z_path_{l}']['Conv_1']['kernel'].shape) for l in range(1, num_levels + 1)]
+  z_sizes = [8] * (num_levels - 1) + [16]  # z_1..z_{L-1}'s channels, then z_L's numbers.
+  assert kernels == [((1, 1, z, 64), (1, 1, 64, 64)) for z in z_sizes]
+
+
 def test_lean_mnist_keeps_the_papers_ingredients():
   a = architectures.build_architecture('28-lean', 2, image_channels=1, z_channels=16, z_dim=64)
   layers = [l for net in a.encoder + a.decoder + a.disc_stages for l in net] + list(a.disc_joint)
@@ -248,7 +267,8 @@ def test_depth_and_size_errors():
     architectures.build_architecture('28', 2, 1, mean_init='he')
   config = type('C', (), dict(arch='32', num_levels=2, width=1.0, z_channels=64, z_dim=256,
                               logvar_init=0.0, dropout_rates='table', compute_dtype='float32',
-                              mean_init='default', disc_width=None, leaky_slope=0.2,
+                              mean_init='default', disc_width=None, disc_z_paths=False,
+                              leaky_slope=0.2,
                               input_noise_std=0.2, dropout=True))
   with pytest.raises(UserError, match='takes 32x32 images but the data is 28x28'):
     models.create_model(config, (28, 28, 1))

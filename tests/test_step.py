@@ -496,6 +496,23 @@ def test_ema_averages_the_steps_generator_side(two_level):
   assert same_tree(without.ema['params'], g_after)  # Off: the current parameters.
 
 
+def test_linear_decay_by_hand_keeps_adams_state():
+  """10 steps, the last 4 decaying: Adam's update times 1 for counts 0-6, then (10 - count) / 4
+  = 0.75, 0.5, 0.25; the state is plain Adam's, so checkpoints of either restore into the other."""
+  adam = optax.adam(1e-2)
+  decayed = step_lib.linear_decay(adam, num_steps=10, decay_steps=4)
+  params = {'w': jnp.array([1.0, -2.0])}
+  plain_state, state = adam.init(params), decayed.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(plain_state)
+  for count, factor in enumerate([1.0] * 7 + [0.75, 0.5, 0.25]):
+    grads = {'w': jnp.array([0.5, 1.5]) * (count + 1)}
+    expected, plain_state = adam.update(grads, plain_state, params)
+    updates, state = decayed.update(grads, state, params)
+    np.testing.assert_allclose(updates['w'], factor * expected['w'], rtol=1e-6)
+    jax.tree.map(np.testing.assert_array_equal, state, plain_state)
+  assert step_lib.linear_decay(adam, 10, 0) is adam  # Off: Adam itself.
+
+
 def test_instance_noise_follows_the_state_step(two_level):
   """The step hands its own step to the annealed instance noise: at step 0 D's loss differs from
   the plain model's on the same keys and batch; once the noise has run out, it is the same."""
