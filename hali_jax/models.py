@@ -270,8 +270,8 @@ class Discriminator(nn.Module):
   """D(x, z_1, ..., z_L) on the full joint, Table 4: one stack per level, concatenated stage by stage.
 
   Returns (logit, embedding): the embedding is the penultimate layer, the D-bar of eq. 8.
-  With `arch.disc_z_paths` (the 'mlp', or model.disc_z_paths), each z_l goes through a stack of its own before it is
-  concatenated.
+  With `arch.disc_z_paths` (the 'mlp', or model.disc_z_paths), each z_l goes through a stack of
+  its own before it is concatenated.
 
   `shared_backward=True` prepares one backward pass to serve both of Algorithm 1's losses
   (step.train_step's simultaneous update). D has no batch norm, so each logit depends on its own
