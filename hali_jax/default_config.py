@@ -92,7 +92,8 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.optim.update_order = 'simultaneous'
   # Both learning rates fall linearly to 0 over the last `decay_steps` of num_train_steps (as VAT
   # decays Adam's, Miyato et al. 2018); 0: constant. The schedule reads Adam's own step count, so
-  # a run may be resumed under another schedule (a longer one, a decay added late).
+  # a run may be resumed under another schedule (a longer one, a decay added late); steps the
+  # divergence guard skipped are not counted (step.linear_decay).
   c.optim.decay_steps = 0
   # Decay of the exponential moving average of the encoder's and decoder's parameters and batch
   # statistics (the classifier's too), which evaluation, the probes and checkpoint.restore use;

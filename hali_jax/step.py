@@ -95,7 +95,8 @@ def linear_decay(adam: optax.GradientTransformation, num_steps: int,
   """`adam` with its learning rate falling linearly to 0 over the last `decay_steps` of
   `num_steps`. Adam's update is proportional to its learning rate, so the schedule scales the
   updates; it reads Adam's step count and adds no state, so checkpoints of either kind restore
-  into the other."""
+  into the other. That count is of the updates applied: a step the divergence guard skips
+  (`guard`) advances TrainState.step but not it, so after k skips the decay runs k steps late."""
   if not decay_steps:
     return adam
 
